@@ -1,0 +1,287 @@
+"""ProbeClient (blocking) and AsyncProbeClient (asyncio): same methods, same results."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import wrappers_pb2
+
+from probeserve_client import _convert
+from probeserve_client._errors import ProbeServeError, from_rpc_error
+from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
+from probeserve_client._proto.probeserve.v1 import probe_service_pb2_grpc as pb_grpc
+from probeserve_client._types import Extraction, ExtractItem, ExtractResult, ServerInfo
+
+Metadata = Sequence[tuple[str, str]]
+Item = ExtractItem | tuple[str, str]
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+# grpc.health.v1's HealthCheckRequest{string service = 1} and HealthCheckResponse{enum status = 1}
+# have the wire format of the well-known StringValue and Int32Value, so the SDK needs no
+# grpcio-health-checking dependency to ask the standard health service.
+_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _health_status(reply: wrappers_pb2.Int32Value) -> str:
+    return _HEALTH_STATUS.get(reply.value, "UNKNOWN")
+
+
+def _stream_requests(items: Iterable[Item]) -> Iterator[pb.ExtractStreamRequest]:
+    for item in items:
+        it = item if isinstance(item, ExtractItem) else ExtractItem(*item)
+        yield pb.ExtractStreamRequest(request=_convert.to_request(it))
+
+
+class ResultStream:
+    """Results of :meth:`ProbeClient.stream`, in request order; ``cancel()`` ends the call."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[ExtractResult]:
+        try:
+            for response in self._call:
+                yield _convert.from_result(response.result)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return
+            raise from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class ProbeClient:
+    """Blocking client. Use as a context manager, or call :meth:`close`.
+
+    ``target`` is any gRPC target: ``host:port``, ``dns:///name:port``, ``ipv4:a:p,b:p``.
+    ``timeout`` is the default deadline of each call in seconds; every method takes its own.
+    Calls that fail with UNAVAILABLE are retried by gRPC itself up to ``retries`` times.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        metadata: Metadata = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        retries: int = 3,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        opts = _convert.channel_options(retries=retries, extra=options)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=opts)
+        )
+        self._stub = pb_grpc.ProbeServiceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=wrappers_pb2.StringValue.SerializeToString,
+            response_deserializer=wrappers_pb2.Int32Value.FromString,
+        )
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": tuple(self.metadata) + tuple(metadata or ()),
+        }
+
+    def extract(
+        self,
+        function: str,
+        utterance: str,
+        *,
+        request_id: str = "",
+        bundle: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Extraction:
+        """Extract the slots of one utterance; raises :class:`ProbeServeError`."""
+        request = _convert.to_request(ExtractItem(function, utterance, request_id, bundle))
+        try:
+            response = self._stub.Extract(request, **self._kw(timeout, metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return _convert.from_response(response)
+
+    def extract_batch(
+        self, items: Iterable[Item], *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> list[ExtractResult]:
+        """Extract many utterances in one call; each result holds an extraction or its error."""
+        request = pb.ExtractBatchRequest(requests=[_convert.to_request(i) for i in _convert.to_items(items)])
+        try:
+            response = self._stub.ExtractBatch(request, **self._kw(timeout, metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return [_convert.from_result(r) for r in response.results]
+
+    def stream(
+        self, items: Iterable[Item], *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> ResultStream:
+        """Send ``items`` while iterating results (request order). ``timeout`` bounds the call."""
+        call = self._stub.ExtractStream(_stream_requests(items), **self._kw(timeout, metadata))
+        return ResultStream(call)
+
+    def info(self, *, timeout: float | None = None) -> ServerInfo:
+        try:
+            return _convert.from_info(self._stub.GetInfo(pb.GetInfoRequest(), **self._kw(timeout, None)))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard health check's status name: SERVING, NOT_SERVING, ..."""
+        try:
+            reply = self._health(wrappers_pb2.StringValue(value=service), **self._kw(timeout, None))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return _health_status(reply)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ProbeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncResultStream:
+    """Results of :meth:`AsyncProbeClient.stream`, in request order; ``cancel()`` ends the call."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def __aiter__(self) -> AsyncIterator[ExtractResult]:
+        try:
+            async for response in self._call:
+                yield _convert.from_result(response.result)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return
+            raise from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+async def _async_stream_requests(
+    items: Iterable[Item] | AsyncIterable[Item],
+) -> AsyncIterator[pb.ExtractStreamRequest]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            it = item if isinstance(item, ExtractItem) else ExtractItem(*item)
+            yield pb.ExtractStreamRequest(request=_convert.to_request(it))
+    else:
+        for request in _stream_requests(items):
+            yield request
+
+
+class AsyncProbeClient:
+    """asyncio client with the same methods as :class:`ProbeClient`; use ``async with``."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        metadata: Metadata = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        retries: int = 3,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        opts = _convert.channel_options(retries=retries, extra=options)
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=opts)
+        )
+        self._stub = pb_grpc.ProbeServiceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=wrappers_pb2.StringValue.SerializeToString,
+            response_deserializer=wrappers_pb2.Int32Value.FromString,
+        )
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": tuple(self.metadata) + tuple(metadata or ()),
+        }
+
+    async def extract(
+        self,
+        function: str,
+        utterance: str,
+        *,
+        request_id: str = "",
+        bundle: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Extraction:
+        request = _convert.to_request(ExtractItem(function, utterance, request_id, bundle))
+        try:
+            response = await self._stub.Extract(request, **self._kw(timeout, metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return _convert.from_response(response)
+
+    async def extract_batch(
+        self, items: Iterable[Item], *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> list[ExtractResult]:
+        request = pb.ExtractBatchRequest(requests=[_convert.to_request(i) for i in _convert.to_items(items)])
+        try:
+            response = await self._stub.ExtractBatch(request, **self._kw(timeout, metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return [_convert.from_result(r) for r in response.results]
+
+    def stream(
+        self,
+        items: Iterable[Item] | AsyncIterable[Item],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncResultStream:
+        call = self._stub.ExtractStream(_async_stream_requests(items), **self._kw(timeout, metadata))
+        return AsyncResultStream(call)
+
+    async def info(self, *, timeout: float | None = None) -> ServerInfo:
+        try:
+            return _convert.from_info(
+                await self._stub.GetInfo(pb.GetInfoRequest(), **self._kw(timeout, None))
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        try:
+            reply = await self._health(wrappers_pb2.StringValue(value=service), **self._kw(timeout, None))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return _health_status(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncProbeClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+__all__ = ["AsyncProbeClient", "AsyncResultStream", "ProbeClient", "ProbeServeError", "ResultStream"]

@@ -1,0 +1,168 @@
+"""A tiny Llama-architecture model, LoRA adapter and probe bundle, made in seconds with no downloads.
+
+The weights are random but seeded, so every run builds the same model. The adapter's B matrices
+are non-zero: an engine that silently drops the LoRA gives different hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "Book a flight from Paris to Tokyo on March 3rd for two adults.",
+    "What's the weather in Berlin tomorrow, in celsius please?",
+    "Find me a table for four at an Italian place near Union Square at 7pm.",
+    "Convert 250 US dollars to euros and send the result to Maria.",
+    "Set an alarm for 6:45 am on weekdays and call it gym.",
+    "Function: book_flight\n",
+    "date:\norigin:\ndestination:\npassengers:\ncity:\nunit:\n\n",
+    "The quick brown fox jumps over the lazy dog 0123456789 times!",
+    "Ünïcödé façade naïve café — résumé, 東京, Москва, 🙂 emoji.",
+]
+
+SCHEMAS = {
+    "book_flight": {
+        "name": "book_flight",
+        "description": "Book a flight.",
+        "slots": {
+            "origin": {"type": "str", "optional": False, "description": "Departure city."},
+            "destination": {"type": "str", "optional": False, "description": "Arrival city."},
+            "date": {"type": "str", "optional": True, "description": "Travel date."},
+            "passengers": {"type": "int", "optional": True, "description": "How many travel."},
+        },
+    },
+    "get_weather": {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "slots": {
+            "city": {"type": "str", "optional": False, "description": "The city."},
+            "unit": {"type": "str", "optional": True, "description": "celsius or fahrenheit."},
+        },
+    },
+}
+
+HIDDEN = 128
+LORA_RANK = 8
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    model_dir: Path
+    bundle_dir: Path
+
+
+def make_tokenizer(model_dir: Path) -> None:
+    """A byte-level BPE tokenizer: any unicode text tokenizes, with character offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=512,
+    )
+    fast.save_pretrained(str(model_dir))
+
+
+def make_model(model_dir: Path, seed: int = 0) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(AutoTokenizer.from_pretrained(str(model_dir)))
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # non-unit norm weights, so hidden-state norms vary as in real models
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+
+
+def make_adapter(model_dir: Path, adapter_dir: Path, seed: int = 1) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    config = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=2 * LORA_RANK,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.15)
+    peft_model.save_pretrained(str(adapter_dir))
+
+
+def make_heads(seed: int = 2) -> dict[str, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    d = HIDDEN
+    return {
+        "null_head": {
+            "classifier.weight": torch.randn(2, d, generator=gen) * 0.2,
+            "classifier.bias": torch.zeros(2),
+        },
+        "pointer_head": {
+            "W_start.weight": torch.randn(d, d, generator=gen) * 0.3,
+            "W_end.weight": torch.randn(d, d, generator=gen) * 0.3,
+        },
+    }
+
+
+def make_bundle(model_dir: Path, bundle_dir: Path) -> None:
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    make_adapter(model_dir, bundle_dir / "lora_adapter")
+    torch.save(make_heads(), bundle_dir / "probe_heads.pt")
+    (bundle_dir / "function_schemas.json").write_text(json.dumps(SCHEMAS, indent=1))
+    (bundle_dir / "bundle.json").write_text(json.dumps({"name": "tiny", "version": "1"}))
+
+
+def make_all(root: Path) -> TinyArtifacts:
+    model_dir, bundle_dir = root / "model", root / "bundle"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(model_dir)
+    make_model(model_dir)
+    make_bundle(model_dir, bundle_dir)
+    return TinyArtifacts(model_dir, bundle_dir)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(make_all(Path(sys.argv[1])))
