@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import torch
@@ -92,13 +92,13 @@ class VllmEngine:
             model=str(config.model),
             runner="pooling",
             pooler_config=PoolerConfig(task="token_embed", use_activation=False),
-            dtype=PRECISION_DTYPES[config.precision],
+            dtype=cast(Any, PRECISION_DTYPES[config.precision]),
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_model_len, 2048),
             enable_lora=True,
             max_loras=1,
-            max_lora_rank=_lora_rank_slot(config.lora_rank),
+            max_lora_rank=cast(Any, _lora_rank_slot(config.lora_rank)),
             enforce_eager=config.enforce_eager,
             enable_prefix_caching=False,
             gpu_memory_utilization=config.gpu_memory_utilization,

@@ -75,7 +75,8 @@ class ProbeHeads:
         scale = 1.0 / math.sqrt(self.hidden_size)
         projected = torch.cat((queries @ self.start_weight.T, queries @ self.end_weight.T))
         scores = (projected @ candidates.T) * scale
-        start_scores, end_scores = scores.split(queries.shape[0])
+        n = queries.shape[0]
+        start_scores, end_scores = scores[:n], scores[n:]
 
         start = start_scores.argmax(dim=-1)
         end = torch.maximum(end_scores.argmax(dim=-1), start)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,9 +52,10 @@ class ReferenceModel:
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
         """Final-layer hidden states after the final norm, [T, d], float32, not normalised."""
         # The decoder stack without the LM head: its last_hidden_state is after the final norm.
-        decoder = self.model.get_base_model().model
+        decoder: Any = self.model.get_base_model().model
         out = decoder(input_ids=torch.tensor([token_ids]))
-        return out.last_hidden_state[0].to(torch.float32)
+        hidden: torch.Tensor = out.last_hidden_state[0].to(torch.float32)
+        return hidden
 
     @torch.no_grad()
     def extract(self, function: str, utterance: str) -> list[ReferenceSlot]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from probeserve.bundle import load_bundle
@@ -43,7 +44,7 @@ class ServeConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
-async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+async def _set_health(servicer: HealthServicer, status: int) -> None:
     for name in ("", SERVICE_NAME):
         await servicer.set(name, status)
 
@@ -62,7 +63,7 @@ async def serve(config: ServeConfig) -> None:
 
     server = grpc.aio.server()
     pb_grpc.add_ProbeServiceServicer_to_server(ProbeServicer(state, config.limits), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

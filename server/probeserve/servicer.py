@@ -22,6 +22,7 @@ from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
+Context = grpc.aio.ServicerContext
 
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -118,7 +119,7 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
         return pb.ExtractResult(request_id=extraction.request_id, response=messages.to_response(extraction))
 
     async def Extract(
-        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ExtractRequest, context: Context[pb.ExtractRequest, pb.ExtractResponse]
     ) -> pb.ExtractResponse:
         try:
             extraction = await self._extract(request, "Extract")
@@ -127,7 +128,9 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
         return messages.to_response(extraction)
 
     async def ExtractBatch(
-        self, request: pb.ExtractBatchRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ExtractBatchRequest,
+        context: Context[pb.ExtractBatchRequest, pb.ExtractBatchResponse],
     ) -> pb.ExtractBatchResponse:
         n = len(request.requests)
         if n > self.limits.max_batch_items:
@@ -141,7 +144,7 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
     async def ExtractStream(
         self,
         request_iterator: AsyncIterator[pb.ExtractStreamRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context[pb.ExtractStreamRequest, pb.ExtractStreamResponse],
     ) -> AsyncIterator[pb.ExtractStreamResponse]:
         """Answer in request order with up to ``stream_window`` items in flight.
 
@@ -176,7 +179,7 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
                     leftover.cancel()
 
     async def GetInfo(
-        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetInfoRequest, context: Context[pb.GetInfoRequest, pb.GetInfoResponse]
     ) -> pb.GetInfoResponse:
         extractor = self.state.extractor
         return pb.GetInfoResponse(

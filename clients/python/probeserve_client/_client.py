@@ -273,7 +273,7 @@ class AsyncProbeClient:
         return _health_status(reply)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncProbeClient:
         return self

@@ -20,15 +20,6 @@ from probeserve_client._types import (
 )
 
 SERVICE = "probeserve.v1.ProbeService"
-_OPTIONAL = (
-    "value",
-    "char_start",
-    "char_end",
-    "token_start",
-    "token_end",
-    "start_probability",
-    "end_probability",
-)
 
 
 def channel_options(
@@ -71,15 +62,22 @@ def to_items(items: Iterable[ExtractItem | tuple[str, str]]) -> list[ExtractItem
 
 
 def from_response(response: pb.ExtractResponse) -> Extraction:
-    slots = []
-    for s in response.slots:
-        optional = {f: getattr(s, f) if s.HasField(f) else None for f in _OPTIONAL}
-        slots.append(
-            Slot(name=s.name, present=s.present, presence_probability=s.presence_probability, **optional)
+    slots = tuple(
+        Slot(
+            name=s.name,
+            present=s.present,
+            presence_probability=s.presence_probability,
+            value=s.value if s.HasField("value") else None,
+            char_start=s.char_start if s.HasField("char_start") else None,
+            char_end=s.char_end if s.HasField("char_end") else None,
+            token_start=s.token_start if s.HasField("token_start") else None,
+            token_end=s.token_end if s.HasField("token_end") else None,
+            start_probability=s.start_probability if s.HasField("start_probability") else None,
+            end_probability=s.end_probability if s.HasField("end_probability") else None,
         )
-    return Extraction(
-        request_id=response.request_id, slots=tuple(slots), prompt_tokens=response.prompt_tokens
+        for s in response.slots
     )
+    return Extraction(request_id=response.request_id, slots=slots, prompt_tokens=response.prompt_tokens)
 
 
 def from_result(result: pb.ExtractResult) -> ExtractResult:

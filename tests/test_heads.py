@@ -1,0 +1,81 @@
+"""Head math: the batched implementation equals the recipe's per-slot formulas."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from probeserve.heads import ProbeHeads
+
+
+def _heads(d: int, seed: int = 0) -> ProbeHeads:
+    g = torch.Generator().manual_seed(seed)
+    return ProbeHeads(
+        null_weight=torch.randn(2, d, generator=g),
+        null_bias=torch.randn(2, generator=g),
+        start_weight=torch.randn(d, d, generator=g),
+        end_weight=torch.randn(d, d, generator=g),
+    )
+
+
+def test_batched_heads_equal_per_slot_formulas() -> None:
+    d, t = 16, 30
+    heads = _heads(d)
+    hidden = torch.randn(t, d, generator=torch.Generator().manual_seed(1))
+    queries = torch.tensor([25, 27, 29])
+    utt = slice(5, 20)
+    out = heads.apply(hidden, queries, utt)
+    for i, q in enumerate(queries.tolist()):
+        logits = heads.null_weight @ hidden[q] + heads.null_bias
+        assert bool(out.present[i]) == (int(logits.argmax()) == 0)
+        assert math.isclose(
+            float(out.presence_probability[i]), float(torch.softmax(logits, 0)[0]), rel_tol=1e-5
+        )
+        s = torch.stack([(heads.start_weight @ hidden[q]) @ hidden[j] for j in range(5, 20)]) / math.sqrt(d)
+        e = torch.stack([(heads.end_weight @ hidden[q]) @ hidden[j] for j in range(5, 20)]) / math.sqrt(d)
+        start = int(s.argmax())
+        end = max(int(e.argmax()), start)
+        assert int(out.start[i]) == start
+        assert int(out.end[i]) == end
+        assert math.isclose(float(out.start_probability[i]), float(torch.softmax(s, 0)[start]), rel_tol=1e-4)
+        assert math.isclose(float(out.end_probability[i]), float(torch.softmax(e, 0)[end]), rel_tol=1e-4)
+
+
+def test_end_is_raised_to_start_when_below_it() -> None:
+    d = 4
+    eye = torch.eye(d)
+    # The start pointer prefers token 3, the end pointer token 0.
+    heads = ProbeHeads(
+        null_weight=torch.zeros(2, d),
+        null_bias=torch.tensor([1.0, 0.0]),
+        start_weight=eye * 10,
+        end_weight=-eye * 10,
+    )
+    hidden = torch.stack(
+        [
+            torch.tensor([-1.0, 0, 0, 0]),
+            torch.zeros(d),
+            torch.zeros(d),
+            torch.tensor([1.0, 0, 0, 0]),
+            torch.tensor([1.0, 0, 0, 0]),
+        ]
+    )
+    out = heads.apply(hidden, torch.tensor([4]), slice(0, 4))
+    assert int(out.start[0]) == 3
+    assert int(out.end[0]) == 3
+
+
+def test_l2_normalised_states_change_presence() -> None:
+    """Why the engine must not normalise: the NullHead's bias is tuned to raw state norms."""
+    d = 8
+    w = torch.zeros(2, d)
+    w[0, 0] = 1.0
+    heads = ProbeHeads(
+        null_weight=w, null_bias=torch.tensor([0.0, 2.0]), start_weight=torch.eye(d), end_weight=torch.eye(d)
+    )
+    raw = torch.zeros(2, d)
+    raw[1, 0] = 5.0  # norm 5: logit_present 5 > logit_absent 2
+    unit = torch.nn.functional.normalize(raw, dim=-1)
+    assert bool(heads.apply(raw, torch.tensor([1]), slice(0, 1)).present[0]) is True
+    assert bool(heads.apply(unit, torch.tensor([1]), slice(0, 1)).present[0]) is False

@@ -1,0 +1,44 @@
+"""Prompt layout: the exact token sequence the heads were trained on."""
+
+from __future__ import annotations
+
+from probeserve.bundle import Bundle
+from probeserve.prompt import PromptBuilder
+from probeserve.tokenization import HfPieceTokenizer
+from tests.support.tiny_model import TinyArtifacts
+
+
+def test_prompt_is_concatenation_of_separately_tokenized_pieces(
+    tiny: TinyArtifacts, tiny_bundle: Bundle
+) -> None:
+    tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
+    utterance = "Book a flight from Paris to Tokyo on March 3rd"
+    prompt = PromptBuilder(tok, tiny_bundle.functions).build("book_flight", utterance)
+
+    expected: list[int] = tok.encode("Function: book_flight\n")
+    u0 = len(expected)
+    expected += tok.encode(utterance)
+    u1 = len(expected)
+    expected += tok.encode("\n\n")
+    queries = []
+    for slot in ["date", "destination", "origin", "passengers"]:  # sorted by name
+        expected += tok.encode(f"{slot}:")
+        queries.append(len(expected) - 1)
+        expected += tok.encode("\n")
+
+    assert prompt.token_ids == expected
+    assert prompt.slot_names == ("date", "destination", "origin", "passengers")
+    assert prompt.query_positions == queries
+    assert (prompt.utterance_start, prompt.utterance_end) == (u0, u1)
+    assert len(prompt.utterance_offsets) == u1 - u0
+    # No special tokens anywhere: the recipe tokenized with add_special_tokens=False.
+    assert tok.tokenizer.bos_token_id not in prompt.token_ids
+
+
+def test_query_position_is_last_token_of_slot_marker(tiny: TinyArtifacts, tiny_bundle: Bundle) -> None:
+    tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
+    prompt = PromptBuilder(tok, tiny_bundle.functions).build("get_weather", "rain in Oslo?")
+    for slot, q in zip(prompt.slot_names, prompt.query_positions, strict=True):
+        marker = tok.encode(f"{slot}:")
+        assert prompt.token_ids[q - len(marker) + 1 : q + 1] == marker
+        assert prompt.token_ids[q + 1 : q + 1 + len(tok.encode("\n"))] == tok.encode("\n")
