@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from probeserve.launcher import RunningServer
 from probeserve_client import AsyncProbeClient, ExtractItem, ProbeClient, ProbeServeError
-from tests.conftest import RunningServer
 
 
 def test_not_serving_until_engine_is_warm(server: RunningServer) -> None:
