@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -57,6 +58,9 @@ async def _warm_up(extractor: Extractor) -> None:
 async def serve(config: ServeConfig) -> None:
     """Run the server until SIGTERM or SIGINT, then drain within the grace period."""
     started = time.perf_counter()
+    # The head math is a few small matmuls per request: one thread is fastest, and leaves the
+    # cores to the engine-core process instead of fighting it for them.
+    torch.set_num_threads(1)
     bundle = load_bundle(config.bundle)
     tokenizer = HfPieceTokenizer.from_pretrained(config.model)
     state = ServingState(bundle=bundle, model=str(config.model), precision=config.precision)
