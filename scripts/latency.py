@@ -88,7 +88,9 @@ def main() -> int:
         "grpc_p90_ms": round(percentile(list(wall.values()), 0.9), 2),
         "engine_p50_ms": round(statistics.median(engine.values()), 2),
         "overhead_p50_ms": round(statistics.median(overhead), 2),
-        "grpc_over_engine_p50": round(statistics.median(wall.values()) / statistics.median(engine.values()), 3),
+        "grpc_over_engine_p50": round(
+            statistics.median(wall.values()) / statistics.median(engine.values()), 3
+        ),
     }
     print(json.dumps(result, indent=2))
     if args.json:

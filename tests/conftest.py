@@ -37,6 +37,7 @@ def server(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Ite
         precision="fp32",
         log_path=tmp_path_factory.mktemp("server") / "server.log",
         probe_function="get_weather",
+        extra_args=("--metrics-port", "0"),
         timeout_s=STARTUP_TIMEOUT_S,
     )
     yield running

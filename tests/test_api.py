@@ -104,7 +104,7 @@ def test_oversized_batch_is_refused(client: ProbeClient) -> None:
     with pytest.raises(ProbeServeError) as err:
         client.extract_batch([("get_weather", "sun")] * 257)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "at most 256" in err.value.details
+    assert "the limit is 256" in err.value.details
 
 
 def test_stream_can_be_cancelled_midway(client: ProbeClient) -> None:
@@ -160,5 +160,5 @@ def test_server_logs_one_json_line_per_request_without_text(
     (line,) = lines
     assert line["event"] == "extract" and line["status"] == "OK"
     assert line["utterance_chars"] == len("secret words in Quito")
-    assert {"engine_ms", "heads_ms", "prepare_ms", "total_ms", "prompt_tokens"} <= set(line)
+    assert {"queue_ms", "prepare_ms", "engine_ms", "heads_ms", "total_ms", "prompt_tokens"} <= set(line)
     assert "secret" not in server.log_path.read_text()

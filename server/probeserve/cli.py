@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -29,18 +30,53 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=512, help="longest prompt in tokens")
     serve.add_argument("--max-num-seqs", type=int, default=16, help="engine batch size")
     serve.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.5, help="share of GPU memory the engine may take"
+    )
+    serve.add_argument(
         "--compile",
         action="store_true",
         help="let vLLM compile the model (slower start, faster steady state)",
     )
-    serve.add_argument("--max-batch-items", type=int, default=256)
-    serve.add_argument(
-        "--stream-window", type=int, default=32, help="stream items in flight before the server stops reading"
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--max-in-flight", type=int, default=64,
+        help="items admitted at once; beyond it unary calls get RESOURCE_EXHAUSTED and streams wait",
+    )  # fmt: skip
+    limits.add_argument("--max-batch-items", type=int, default=256)
+    limits.add_argument(
+        "--stream-window",
+        type=int,
+        default=32,
+        help="a stream's items in flight before the server stops reading it",
     )
+    limits.add_argument("--max-utterance-chars", type=int, default=8192)
+    limits.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on shutdown")
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    security = serve.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
+    security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    security.add_argument("--tls-client-ca", type=Path, help="CA for client certificates (enables mTLS)")
+    security.add_argument(
+        "--auth-token-file", type=Path,
+        help="file of accepted bearer tokens, one a line (also: PROBESERVE_AUTH_TOKEN); health stays open",
+    )  # fmt: skip
+    obs = serve.add_argument_group("observability")
+    obs.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (0: any)")
+    obs.add_argument("--metrics-host", default="127.0.0.1")
+    obs.add_argument("--log-level", default="info")
+    obs.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    obs.add_argument(
+        "--log-utterances", action="store_true",
+        help="put utterance text in the logs (default: only lengths and ids are logged)",
+    )  # fmt: skip
     return parser
+
+
+def _auth_tokens(path: Path | None) -> tuple[str, ...]:
+    tokens = [os.environ.get("PROBESERVE_AUTH_TOKEN", "")]
+    if path is not None:
+        tokens += path.read_text().splitlines()
+    return tuple(t.strip() for t in tokens if t.strip())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(args.log_level, json=json_logs)
     if args.command == "serve":
-        from probeserve.server import ServeConfig, serve
+        from probeserve.server import ServeConfig, TlsConfig, serve
+
+        tls = None
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                sys.exit("error: --tls-cert and --tls-key go together")
+            tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+        elif args.tls_client_ca:
+            sys.exit("error: --tls-client-ca needs --tls-cert and --tls-key")
 
         config = ServeConfig(
             bundle=args.bundle,
@@ -58,9 +102,21 @@ def main(argv: list[str] | None = None) -> None:
             port=args.port,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=not args.compile,
             grace_s=args.grace,
-            limits=ServerLimits(max_batch_items=args.max_batch_items, stream_window=args.stream_window),
+            limits=ServerLimits(
+                max_in_flight=args.max_in_flight,
+                max_batch_items=args.max_batch_items,
+                stream_window=args.stream_window,
+                max_utterance_chars=args.max_utterance_chars,
+                max_message_bytes=args.max_message_bytes,
+            ),
+            tls=tls,
+            auth_tokens=_auth_tokens(args.auth_token_file),
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port,
+            log_utterances=args.log_utterances,
         )
         asyncio.run(serve(config))
         sys.exit(0)

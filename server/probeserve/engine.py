@@ -9,9 +9,7 @@ on unit vectors. The bundle's LoRA adapter travels with every request as a ``LoR
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +25,7 @@ PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # vLLM-CPU reserves most of the machine's memory for its KV cache unless told otherwise; the
 # prompts here are short, so a small cache is plenty.
 DEFAULT_CPU_KVCACHE_GIB = "1"
+ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ class VllmEngine:
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (aborted ones leave this count)."""
-        return int(self._engine.get_num_unfinished_requests())
+        return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
 
     async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
         if self._engine is None or self._engine.errored:
@@ -149,16 +148,14 @@ class VllmEngine:
         return data
 
     def shutdown(self) -> None:
-        """Stop the engine core now, while the interpreter is whole.
+        """Stop the engine core and wait for it to exit by itself.
 
-        Dropping the last reference here keeps ``AsyncLLM.__del__`` from running a second
-        shutdown during interpreter teardown, when its module globals are already gone.
+        vLLM-CPU's engine core takes ~10 s to stop after SIGTERM; with vLLM's default 5 s it is
+        force-killed. ``AsyncLLM.__del__`` would run shutdown a second time during interpreter
+        teardown, when module globals are gone (a TypeError traceback at exit), so the instance's
+        shutdown becomes a no-op once it has run.
         """
         engine, self._engine = self._engine, None
         if engine is not None:
-            engine.shutdown()
-            del engine
-            gc.collect()
-
-
-EngineFactory = Callable[[EngineConfig], VllmEngine]
+            engine.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
+            engine.shutdown = lambda *args, **kwargs: None

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,22 @@ class RunningServer:
     startup_health: list[str] = field(default_factory=list)
     early_extract_code: str | None = None
     startup_s: float = 0.0
+    metrics_port: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape the server's Prometheus endpoint: {'name{labels}': value}."""
+        if self.metrics_port is None:
+            raise RuntimeError("the server was started without --metrics-port")
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+        return values
 
     def log_lines(self) -> list[dict[str, Any]]:
         """The server's JSON log lines so far (vLLM's own plain-text lines are skipped)."""
@@ -54,10 +71,12 @@ class RunningServer:
         return self.process.returncode
 
 
-def _listening_port(log_path: Path) -> int | None:
+def _listening(log_path: Path) -> dict[str, Any] | None:
+    """The server's "listening" log line, once written."""
     for raw in log_path.read_text(errors="replace").splitlines():
         if raw.startswith("{") and '"listening"' in raw:
-            return int(json.loads(raw)["address"].rsplit(":", 1)[1])
+            line: dict[str, Any] = json.loads(raw)
+            return line
     return None
 
 
@@ -71,8 +90,13 @@ def start_server(
     probe_function: str | None = None,
     timeout_s: float = 600,
     env: dict[str, str] | None = None,
+    client_kwargs: dict[str, Any] | None = None,
 ) -> RunningServer:
-    """Start the server and wait until health says SERVING; raises with the log's tail if not."""
+    """Start the server and wait until health says SERVING; raises with the log's tail if not.
+
+    ``client_kwargs`` go to the health-polling :class:`ProbeClient` (credentials for TLS).
+    """
+    client_kwargs = client_kwargs or {}
     cmd = [
         sys.executable, "-m", "probeserve", "serve",
         "--bundle", str(bundle), "--model", str(model), "--precision", precision,
@@ -90,14 +114,17 @@ def start_server(
         process.wait(10)
         return RuntimeError(f"{why}; server log tail:\n{log_path.read_text(errors='replace')[-4000:]}")
 
-    port = None
-    while port is None and time.monotonic() < deadline and process.poll() is None:
+    listening = None
+    while listening is None and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.25)
-        port = _listening_port(log_path)
-    if port is None:
+        listening = _listening(log_path)
+    if listening is None:
         raise fail("server did not start listening")
-    running = RunningServer(process, f"127.0.0.1:{port}", log_path)
-    with ProbeClient(running.target, timeout=5, retries=0) as client:
+    port = int(listening["address"].rsplit(":", 1)[1])
+    running = RunningServer(
+        process, f"127.0.0.1:{port}", log_path, metrics_port=listening.get("metrics_port")
+    )
+    with ProbeClient(running.target, timeout=5, retries=0, **client_kwargs) as client:
         while time.monotonic() < deadline and process.poll() is None:
             try:
                 status = client.health()

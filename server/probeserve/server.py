@@ -1,4 +1,9 @@
-"""Server assembly: gRPC first (health NOT_SERVING), then the engine, a warm-up, then SERVING."""
+"""Server assembly: gRPC first (health NOT_SERVING), then the engine, a warm-up, then SERVING.
+
+Shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, calls in flight
+finish within the grace period, then the engine shuts down and the process exits 0. If the
+engine dies, a watchdog turns health NOT_SERVING; calls then fail fast with UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import grpc.aio
 import structlog
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from probeserve.auth import BearerTokenInterceptor
 from probeserve.bundle import load_bundle
 from probeserve.engine import EngineConfig, VllmEngine, engine_version
 from probeserve.extraction import ExtractionRequest, Extractor
@@ -27,6 +34,25 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProbeService"].full_name
 WARMUP_UTTERANCE = "warm up the engine"
+WATCHDOG_INTERVAL_S = 0.5
+# gRPC refuses larger messages itself (RESOURCE_EXHAUSTED) before any handler runs; below it,
+# ServerLimits.max_message_bytes gives INVALID_ARGUMENT with the limit named.
+HARD_MESSAGE_CAP = 64 << 20
+
+
+@dataclass
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
 
 @dataclass
@@ -40,9 +66,15 @@ class ServeConfig:
     port: int = 50051
     max_model_len: int = 512
     max_num_seqs: int = 16
+    gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     grace_s: float = 10.0
     limits: ServerLimits = field(default_factory=ServerLimits)
+    tls: TlsConfig | None = None
+    auth_tokens: tuple[str, ...] = ()
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    log_utterances: bool = False
 
 
 async def _set_health(servicer: HealthServicer, status: int) -> None:
@@ -55,17 +87,23 @@ async def _warm_up(extractor: Extractor) -> None:
     await extractor.extract(ExtractionRequest(function, WARMUP_UTTERANCE, "warmup"))
 
 
-async def serve(config: ServeConfig) -> None:
-    """Run the server until SIGTERM or SIGINT, then drain within the grace period."""
-    started = time.perf_counter()
-    # The head math is a few small matmuls per request: one thread is fastest, and leaves the
-    # cores to the engine-core process instead of fighting it for them.
-    torch.set_num_threads(1)
-    bundle = load_bundle(config.bundle)
-    tokenizer = HfPieceTokenizer.from_pretrained(config.model)
-    state = ServingState(bundle=bundle, model=str(config.model), precision=config.precision)
+async def _watch_engine(engine: VllmEngine, health: HealthServicer, state: ServingState) -> None:
+    """Turn health NOT_SERVING as soon as the engine is found dead."""
+    while not engine.errored:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+    log.error("engine_dead", action="health NOT_SERVING; calls get UNAVAILABLE")
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    server = grpc.aio.server()
+
+def _build_server(config: ServeConfig, state: ServingState) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", HARD_MESSAGE_CAP),
+            ("grpc.max_send_message_length", HARD_MESSAGE_CAP),
+        ],
+    )
     pb_grpc.add_ProbeServiceServicer_to_server(ProbeServicer(state, config.limits), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -74,12 +112,41 @@ async def serve(config: ServeConfig) -> None:
         server,
     )
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    if config.tls is not None:
+        port = server.add_secure_port(address, config.tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
+    return server, health_servicer, port
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain within the grace period."""
+    started = time.perf_counter()
+    # The head math is a few small matmuls per request: one thread is fastest, and leaves the
+    # cores to the engine-core process instead of fighting it for them.
+    torch.set_num_threads(1)
+    bundle = load_bundle(config.bundle)
+    tokenizer = HfPieceTokenizer.from_pretrained(config.model)
+    state = ServingState(
+        bundle=bundle,
+        model=str(config.model),
+        precision=config.precision,
+        log_utterances=config.log_utterances,
+    )
+    if config.log_utterances:
+        log.warning("logging_utterances", note="utterance text goes into the logs (--log-utterances)")
+    server, health_servicer, port = _build_server(config, state)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    log.info("listening", address=f"{config.host}:{port}", bundle=bundle.name, health="NOT_SERVING")
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = state.metrics.serve(config.metrics_host, config.metrics_port)
+    log.info(
+        "listening", address=f"{config.host}:{port}", tls=config.tls is not None,
+        auth=bool(config.auth_tokens), metrics_port=metrics_port, bundle=bundle.name, health="NOT_SERVING",
+    )  # fmt: skip
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,6 +154,7 @@ async def serve(config: ServeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     engine: VllmEngine | None = None
+    watchdog: asyncio.Task[None] | None = None
     try:
         engine_config = EngineConfig(
             model=config.model,
@@ -95,31 +163,38 @@ async def serve(config: ServeConfig) -> None:
             precision=config.precision,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
+            gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,
         )
         engine_task = asyncio.create_task(asyncio.to_thread(VllmEngine.start, engine_config))
-        await asyncio.wait(
-            {engine_task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-        )
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({engine_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not engine_task.done():
             log.info("stopped_before_ready")
             engine = await engine_task
             return
         engine = engine_task.result()
+        live_engine = engine
+        state.metrics.watch_engine(live_engine.unfinished_requests, lambda: not live_engine.errored)
         extractor = Extractor(bundle, tokenizer, engine)
         await _warm_up(extractor)
         state.engine_version = engine_version()
         state.extractor = extractor
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        watchdog = asyncio.create_task(_watch_engine(engine, health_servicer, state))
         log.info(
             "serving", address=f"{config.host}:{port}", startup_s=round(time.perf_counter() - started, 1)
         )
         await stop.wait()
-        log.info("shutting_down", grace_s=config.grace_s)
     finally:
+        drain_started = time.perf_counter()
+        log.info("shutting_down", grace_s=config.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.grace_s)
+        drained_s = round(time.perf_counter() - drain_started, 2)
+        if watchdog is not None:
+            watchdog.cancel()
         state.extractor = None
         if engine is not None:
             engine.shutdown()
-        log.info("stopped")
+        log.info("stopped", drain_s=drained_s, total_s=round(time.perf_counter() - drain_started, 2))

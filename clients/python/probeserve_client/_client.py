@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -59,9 +60,27 @@ class ResultStream:
 class ProbeClient:
     """Blocking client. Use as a context manager, or call :meth:`close`.
 
-    ``target`` is any gRPC target: ``host:port``, ``dns:///name:port``, ``ipv4:a:p,b:p``.
-    ``timeout`` is the default deadline of each call in seconds; every method takes its own.
-    Calls that fail with UNAVAILABLE are retried by gRPC itself up to ``retries`` times.
+    ``target`` is any gRPC target: ``host:port``; ``dns:///name:port``, where the name may resolve
+    to many addresses (e.g. a Kubernetes headless Service, one address per replica);
+    ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` or ``ipv6:[::1]:50051,...`` for a fixed list.
+
+    Keyword-only settings (times in seconds):
+
+    - ``timeout``: the default deadline of each call; every method takes its own.
+    - ``metadata``: sent with every call, before a call's own.
+    - ``credentials``: ``grpc.ssl_channel_credentials(...)`` for TLS; plaintext if ``None``.
+    - ``retries``: calls that fail with UNAVAILABLE are retried by gRPC itself up to this many
+      times (exponential back-off from 0.1 s to 2 s); 0 turns retries off.
+    - ``load_balancing``: gRPC's load-balancing policy over the target's addresses, e.g.
+      ``"round_robin"`` (one connection per address, calls spread over the ready ones) or
+      ``"pick_first"`` (gRPC's default: one connection, the first address that answers).
+    - ``keepalive_s``: interval of HTTP/2 keepalive pings (``None`` or 0: no pings);
+      ``keepalive_timeout_s``: how long to wait for a ping's answer before the connection is
+      considered dead (``None``: gRPC's default, 20 s).
+    - ``reconnect_backoff_s`` / ``max_reconnect_backoff_s``: first and largest delay between
+      attempts to reconnect to an address that went away (``None``: gRPC's defaults, 1 s and
+      120 s). Lower the maximum when replicas restart often, so a restarted one rejoins soon.
+    - ``options``: raw gRPC channel options, applied last (they override the above).
     """
 
     def __init__(
@@ -72,9 +91,22 @@ class ProbeClient:
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
         retries: int = 3,
+        load_balancing: str | None = None,
+        keepalive_s: float | None = 30.0,
+        keepalive_timeout_s: float | None = None,
+        reconnect_backoff_s: float | None = None,
+        max_reconnect_backoff_s: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = _convert.channel_options(retries=retries, extra=options)
+        opts = _convert.channel_options(
+            retries=retries,
+            load_balancing=load_balancing,
+            keepalive_s=keepalive_s,
+            keepalive_timeout_s=keepalive_timeout_s,
+            reconnect_backoff_s=reconnect_backoff_s,
+            max_reconnect_backoff_s=max_reconnect_backoff_s,
+            extra=options,
+        )
         self._channel = (
             grpc.secure_channel(target, credentials, options=opts)
             if credentials is not None
@@ -160,17 +192,25 @@ class AsyncResultStream:
 
     def __init__(self, call: Any) -> None:
         self._call = call
+        self._cancelled = False
 
     async def __aiter__(self) -> AsyncIterator[ExtractResult]:
         try:
             async for response in self._call:
                 yield _convert.from_result(response.result)
+        except asyncio.CancelledError:
+            # grpc.aio reports a call cancelled by cancel() as CancelledError: that ends the
+            # iteration. Any other cancellation (of the task iterating) propagates.
+            if self._cancelled:
+                return
+            raise
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+            if error.code() == grpc.StatusCode.CANCELLED and self._cancelled:
                 return
             raise from_rpc_error(error) from None
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -187,7 +227,13 @@ async def _async_stream_requests(
 
 
 class AsyncProbeClient:
-    """asyncio client with the same methods as :class:`ProbeClient`; use ``async with``."""
+    """asyncio client with the same methods as :class:`ProbeClient`; use ``async with``.
+
+    Takes the same ``target`` forms and keyword-only settings as :class:`ProbeClient`
+    (``timeout``, ``metadata``, ``credentials``, ``retries``, ``load_balancing``,
+    ``keepalive_s``, ``keepalive_timeout_s``, ``reconnect_backoff_s``,
+    ``max_reconnect_backoff_s``, ``options``), with the same meaning.
+    """
 
     def __init__(
         self,
@@ -197,9 +243,22 @@ class AsyncProbeClient:
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
         retries: int = 3,
+        load_balancing: str | None = None,
+        keepalive_s: float | None = 30.0,
+        keepalive_timeout_s: float | None = None,
+        reconnect_backoff_s: float | None = None,
+        max_reconnect_backoff_s: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        opts = _convert.channel_options(retries=retries, extra=options)
+        opts = _convert.channel_options(
+            retries=retries,
+            load_balancing=load_balancing,
+            keepalive_s=keepalive_s,
+            keepalive_timeout_s=keepalive_timeout_s,
+            reconnect_backoff_s=reconnect_backoff_s,
+            max_reconnect_backoff_s=max_reconnect_backoff_s,
+            extra=options,
+        )
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None
