@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint protos check-protos clean
+.PHONY: setup serve test lint protos check-protos check-deploy clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,15 @@ serve: setup
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: setup check-protos
+lint: setup check-protos check-deploy
 	$(BIN)/ruff check server clients tests scripts
 	$(BIN)/ruff format --check server clients tests scripts
 	$(BIN)/mypy
 	$(BIN)/buf lint
+
+# No Docker engine runs in CI: hadolint, manifest validation and a dry check of the build steps.
+check-deploy: setup
+	BIN=$(BIN) bash scripts/check_deploy.sh
 
 protos: setup
 	$(BIN)/python scripts/generate_protos.py

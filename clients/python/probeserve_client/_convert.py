@@ -23,32 +23,60 @@ SERVICE = "probeserve.v1.ProbeService"
 
 
 def channel_options(
-    *, retries: int = 3, keepalive_s: float | None = 30.0, extra: Sequence[tuple[str, object]] = ()
+    *,
+    retries: int = 3,
+    load_balancing: str | None = None,
+    keepalive_s: float | None = 30.0,
+    keepalive_timeout_s: float | None = None,
+    reconnect_backoff_s: float | None = None,
+    max_reconnect_backoff_s: float | None = None,
+    extra: Sequence[tuple[str, object]] = (),
 ) -> list[tuple[str, object]]:
-    """Channel options: gRPC's own retry policy on UNAVAILABLE, and keepalive pings."""
+    """Channel options: gRPC's own retry policy and load balancing, keepalive, reconnect back-off.
+
+    ``retries`` > 0 adds a ``methodConfig`` retrying UNAVAILABLE; ``load_balancing`` (a gRPC LB
+    policy name such as ``"round_robin"`` or ``"pick_first"``) adds ``loadBalancingConfig``; both
+    go into one service config. Times are seconds; ``None`` leaves gRPC's default. ``extra``
+    options come last, so they override these.
+    """
     options: list[tuple[str, object]] = []
+    config: dict[str, object] = {}
     if retries > 0:
-        config = {
-            "methodConfig": [
-                {
-                    "name": [{"service": SERVICE}],
-                    "retryPolicy": {
-                        "maxAttempts": retries + 1,
-                        "initialBackoff": "0.1s",
-                        "maxBackoff": "2s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+        options.append(("grpc.enable_retries", 1))
+    if load_balancing:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
     if keepalive_s:
         options += [
-            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_time_ms", _ms(keepalive_s)),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
+    if keepalive_timeout_s is not None:
+        options.append(("grpc.keepalive_timeout_ms", _ms(keepalive_timeout_s)))
+    if reconnect_backoff_s is not None:
+        options.append(("grpc.initial_reconnect_backoff_ms", _ms(reconnect_backoff_s)))
+    if max_reconnect_backoff_s is not None:
+        options.append(("grpc.max_reconnect_backoff_ms", _ms(max_reconnect_backoff_s)))
     return options + list(extra)
+
+
+def _ms(seconds: float) -> int:
+    if seconds < 0:
+        raise ValueError(f"a duration must not be negative, got {seconds}")
+    return int(seconds * 1000)
 
 
 def to_request(item: ExtractItem) -> pb.ExtractRequest:
