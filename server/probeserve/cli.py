@@ -12,13 +12,29 @@ from probeserve.engine import PRECISION_DTYPES
 from probeserve.logs import configure_logging
 from probeserve.servicer import ServerLimits
 
+# The demo: a bundle committed in the repository and the base model that `make serve` converts
+# (scripts/demo_model.py). Found relative to this file, so they exist in a checkout only.
+REPO = Path(__file__).resolve().parent.parent.parent
+DEMO_BUNDLE = REPO / "bundles" / "xlam-smollm2-135m"
+DEMO_MODEL = Path(os.environ.get("PROBESERVE_CACHE", REPO / ".cache")) / "models" / "smollm2-135m-instruct"
+
+
+def _default(variable: str, demo: Path) -> Path:
+    return Path(os.environ[variable]) if os.environ.get(variable) else demo
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probeserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a probe bundle over gRPC")
-    serve.add_argument("--bundle", type=Path, required=True, help="probe bundle directory")
-    serve.add_argument("--model", type=Path, required=True, help="base model checkpoint directory")
+    serve.add_argument(
+        "--bundle", type=Path, default=_default("PROBESERVE_BUNDLE", DEMO_BUNDLE),
+        help=f"probe bundle directory (default: $PROBESERVE_BUNDLE or the demo, {DEMO_BUNDLE})",
+    )  # fmt: skip
+    serve.add_argument(
+        "--model", type=Path, default=_default("PROBESERVE_MODEL", DEMO_MODEL),
+        help=f"base model checkpoint directory (default: $PROBESERVE_MODEL or the demo's, {DEMO_MODEL})",
+    )  # fmt: skip
     serve.add_argument(
         "--precision",
         choices=sorted(PRECISION_DTYPES),
@@ -86,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         from probeserve.server import ServeConfig, TlsConfig, serve
 
+        for what, path in (("bundle", args.bundle), ("model", args.model)):
+            if not path.is_dir():
+                hint = " (run `make serve` to make the demo model)" if path == DEMO_MODEL else ""
+                sys.exit(f"error: {what} directory {path} does not exist{hint}")
         tls = None
         if args.tls_cert or args.tls_key:
             if not (args.tls_cert and args.tls_key):

@@ -1,0 +1,144 @@
+"""Exact match and presence accuracy of a bundle, through the real server and the reference.
+
+    python scripts/evaluate.py                       # demo bundle, validation split, fp32
+    python scripts/evaluate.py --precision bf16 --no-reference
+    python scripts/evaluate.py --target HOST:PORT    # an already running server
+
+The server path sends every example once as a unary Extract and once inside one ExtractStream
+(the real client; both must agree). The reference path computes the recipe's formulas in plain
+transformers + peft (probeserve.reference). Definitions, as in the training recipe:
+
+- exact match: over slots present in gold, the slot is predicted present and its value equals
+  the gold value;
+- presence accuracy: over all schema slots of the examples.
+
+Prints both, and every slot where the server and the reference disagree (presence or value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from xlam_data import Example, load_split
+
+from probeserve.bundle import load_bundle
+from probeserve.cli import DEMO_BUNDLE, DEMO_MODEL
+from probeserve.launcher import start_server
+from probeserve_client import ExtractItem, ProbeClient
+
+Prediction = Mapping[str, str | None]  # slot -> value (None: absent)
+
+
+def score(
+    examples: Sequence[Example], predictions: Sequence[Prediction], schemas: Mapping[str, Any]
+) -> dict[str, Any]:
+    gold_present = exact = slots = presence_ok = 0
+    for example, predicted in zip(examples, predictions, strict=True):
+        for slot in sorted(schemas[example.function]["slots"]):
+            gold = example.slots.get(slot)
+            value = predicted.get(slot)
+            slots += 1
+            presence_ok += (gold is not None) == (value is not None)
+            if gold is not None:
+                gold_present += 1
+                exact += value == gold.value
+    return {
+        "exact_match": round(exact / max(gold_present, 1), 4),
+        "presence_accuracy": round(presence_ok / max(slots, 1), 4),
+        "examples": len(examples),
+        "gold_present_slots": gold_present,
+        "schema_slots": slots,
+    }
+
+
+def through_server(
+    target: str, examples: Sequence[Example]
+) -> tuple[list[Prediction], list[Prediction], float]:
+    with ProbeClient(target, timeout=120) as client:
+        started = time.perf_counter()
+        unary = [client.extract(e.function, e.utterance, request_id=f"u{e.line}").values() for e in examples]
+        unary_s = time.perf_counter() - started
+        items = [ExtractItem(e.function, e.utterance, request_id=f"s{e.line}") for e in examples]
+        streamed = []
+        for example, result in zip(examples, client.stream(items, timeout=3600), strict=True):
+            if result.extraction is None or result.request_id != f"s{example.line}":
+                raise SystemExit(f"stream answered {result} for line {example.line}")
+            streamed.append(result.extraction.values())
+    return [dict(p) for p in unary], [dict(p) for p in streamed], unary_s
+
+
+def through_reference(bundle_dir: Path, model: Path, examples: Sequence[Example]) -> list[Prediction]:
+    from probeserve.reference import ReferenceModel
+
+    reference = ReferenceModel(model, load_bundle(bundle_dir))
+    return [
+        {s.name: s.value for s in reference.extract(e.function, e.utterance) if s.present} for e in examples
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--precision", default="fp32", help="the server's precision (fp32 compares exactly)")
+    parser.add_argument("--target", help="use a running server instead of starting one")
+    parser.add_argument("--data", type=Path, help="folder with train.jsonl and function_schemas.json")
+    parser.add_argument("--limit", type=int, help="only the first N validation examples")
+    parser.add_argument("--no-reference", action="store_true", help="skip the transformers+peft path")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    args = parser.parse_args()
+
+    schemas, _train, validation = load_split(args.data)
+    examples = validation[: args.limit] if args.limit else validation
+    summary: dict[str, Any] = {"bundle": str(args.bundle), "split": "validation", "precision": args.precision}
+
+    if args.target:
+        unary, streamed, unary_s = through_server(args.target, examples)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            server = start_server(
+                bundle=args.bundle,
+                model=args.model,
+                precision=args.precision,
+                log_path=Path(tmp) / "server.log",
+            )
+            try:
+                unary, streamed, unary_s = through_server(server.target, examples)
+            finally:
+                server.stop()
+    if unary != streamed:
+        differ = sum(u != s for u, s in zip(unary, streamed, strict=True))
+        raise SystemExit(f"unary and streamed answers differ on {differ} examples")
+    summary["server"] = score(examples, unary, schemas) | {"unary_seconds": round(unary_s, 1)}
+
+    if not args.no_reference:
+        reference = through_reference(args.bundle, args.model, examples)
+        summary["reference"] = score(examples, reference, schemas)
+        disagreements = []
+        for example, got, want in zip(examples, unary, reference, strict=True):
+            for slot in sorted(schemas[example.function]["slots"]):
+                if got.get(slot) != want.get(slot):
+                    disagreements.append(
+                        {"line": example.line + 1, "function": example.function, "slot": slot,
+                         "server": got.get(slot), "reference": want.get(slot)}
+                    )  # fmt: skip
+        summary["slots_where_server_and_reference_differ"] = len(disagreements)
+        for d in disagreements:
+            print("differs:", json.dumps(d, ensure_ascii=False))
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
