@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--tiny", action="store_true", help="use the tests' tiny model and bundle")
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--precision", default="auto")
     parser.add_argument("--function", help="function to call (default: the bundle's first)")
     parser.add_argument("--utterance", default=UTTERANCES[0])
     parser.add_argument("-n", type=int, default=200)

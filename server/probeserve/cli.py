@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from probeserve.engine import PRECISION_DTYPES
+from probeserve.engine import PRECISION_DTYPES, resolve_precision
 from probeserve.logs import configure_logging
 from probeserve.servicer import ServerLimits
 
@@ -36,11 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"base model checkpoint directory (default: $PROBESERVE_MODEL or the demo's, {DEMO_MODEL})",
     )  # fmt: skip
     serve.add_argument(
-        "--precision",
-        choices=sorted(PRECISION_DTYPES),
-        default="bf16",
-        help="numeric format of the engine (bf16 is fastest on CPUs with AVX512-BF16)",
-    )
+        "--precision", choices=["auto", *sorted(PRECISION_DTYPES)], default="auto",
+        help="numeric format of the engine; auto: bf16 on GPUs and CPUs with native bf16, else fp32",
+    )  # fmt: skip
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--max-model-len", type=int, default=512, help="longest prompt in tokens")
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         config = ServeConfig(
             bundle=args.bundle,
             model=args.model,
-            precision=args.precision,
+            precision=resolve_precision(args.precision),
             host=args.host,
             port=args.port,
             max_model_len=args.max_model_len,

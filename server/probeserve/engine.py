@@ -50,6 +50,23 @@ def _prepare_environment() -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 on GPUs and on CPUs with native bf16 math (AVX512-BF16 or AMX), else fp32.
+
+    Without native bf16 (seen here on an AMD EPYC without AVX-512), vLLM-CPU at bf16 took
+    2.2 s per request on the demo model against 1.0 s at fp32 (scripts/latency.py).
+    """
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
 def engine_version() -> str:
     import vllm
 

@@ -85,7 +85,7 @@ def start_server(
     bundle: Path,
     model: Path,
     log_path: Path,
-    precision: str = "bf16",
+    precision: str = "auto",
     extra_args: tuple[str, ...] = (),
     probe_function: str | None = None,
     timeout_s: float = 600,
