@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-utterance-chars", type=int, default=8192)
     limits.add_argument("--max-message-bytes", type=int, default=1 << 20)
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain on shutdown")
+    serve.add_argument(
+        "--max-connection-age", type=float,
+        help="seconds after which each client connection is closed (gracefully), so clients that "
+        "balance over DNS re-resolve and find new replicas; default: never",
+    )  # fmt: skip
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
     security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port,
             log_utterances=args.log_utterances,
+            max_connection_age_s=args.max_connection_age,
         )
         asyncio.run(serve(config))
         sys.exit(0)

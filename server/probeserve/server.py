@@ -75,6 +75,9 @@ class ServeConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     log_utterances: bool = False
+    # Close each client connection after this long (then a grace of the same length for calls
+    # on it), so clients that balance over DNS re-resolve and find new replicas. None: never.
+    max_connection_age_s: float | None = None
 
 
 async def _set_health(servicer: HealthServicer, status: int) -> None:
@@ -97,13 +100,14 @@ async def _watch_engine(engine: VllmEngine, health: HealthServicer, state: Servi
 
 def _build_server(config: ServeConfig, state: ServingState) -> tuple[grpc.aio.Server, HealthServicer, int]:
     interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", HARD_MESSAGE_CAP),
-            ("grpc.max_send_message_length", HARD_MESSAGE_CAP),
-        ],
-    )
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", HARD_MESSAGE_CAP),
+        ("grpc.max_send_message_length", HARD_MESSAGE_CAP),
+    ]
+    if config.max_connection_age_s:
+        age_ms = int(config.max_connection_age_s * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     pb_grpc.add_ProbeServiceServicer_to_server(ProbeServicer(state, config.limits), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
