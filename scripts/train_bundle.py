@@ -47,6 +47,11 @@ import demo_model
 import xlam_data
 from xlam_data import Example
 
+# probeserve.spans imports only the standard library, so it loads on the GPU image too (where
+# probeserve's own dependencies, e.g. structlog, are missing); its rule cuts every value.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
+from probeserve import spans as serving_spans
+
 BUNDLE_NAME = "xlam-smollm2-135m"
 BUNDLE_VERSION = "1.0.0"
 PROMPT_FORMAT_VERSION = 1
@@ -141,15 +146,8 @@ def char_to_token(offsets: Sequence[tuple[int, int]], char: int, first: bool) ->
 
 
 def decode_span(utterance: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> str:
-    """Same as probeserve.spans.decode_span(...).value."""
-    begin = offsets[start][0]
-    stop = max(offsets[end][1], begin)
-    raw = utterance[begin:stop]
-    stripped = raw.strip()
-    if stripped:
-        begin += len(raw) - len(raw.lstrip())
-        stop = begin + len(stripped)
-    return utterance[begin:stop]
+    """The value the server returns for tokens start..end: probeserve.spans decides, for both."""
+    return serving_spans.decode_span(utterance, offsets, start, end).value
 
 
 # --------------------------------------------------------------------------- heads
