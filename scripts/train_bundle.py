@@ -17,8 +17,8 @@ The recipe, which ``server/probeserve`` serves exactly:
 - loss: cross-entropy of presence over all schema slots + cross-entropy of start and of end over
   the utterance tokens for present slots; LoRA r=16, alpha=32 on q/k/v/o, trained jointly.
 
-Deliberately self-contained (torch, transformers, peft, safetensors): it runs where the
-``probeserve`` package's dependencies are not installed (the GPU machine).
+Needs torch, transformers, peft and safetensors, plus ``probeserve.spans`` (standard library
+only): it runs where the ``probeserve`` package's dependencies are not installed (the GPU machine).
 """
 
 from __future__ import annotations
