@@ -57,7 +57,28 @@ class ResultStream:
         self._call.cancel()
 
 
-class ProbeClient:
+class _ClientCore:
+    """What both clients hold: the stubs over one channel, and the call defaults."""
+
+    def _bind(self, channel: Any, timeout: float | None, metadata: Metadata) -> None:
+        self._channel = channel
+        self._stub = pb_grpc.ProbeServiceStub(channel)
+        self._health = channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=wrappers_pb2.StringValue.SerializeToString,
+            response_deserializer=wrappers_pb2.Int32Value.FromString,
+        )
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": tuple(self.metadata) + tuple(metadata or ()),
+        }
+
+
+class ProbeClient(_ClientCore):
     """Blocking client. Use as a context manager, or call :meth:`close`.
 
     ``target`` is any gRPC target: ``host:port``; ``dns:///name:port``, where the name may resolve
@@ -107,25 +128,12 @@ class ProbeClient:
             max_reconnect_backoff_s=max_reconnect_backoff_s,
             extra=options,
         )
-        self._channel = (
+        channel = (
             grpc.secure_channel(target, credentials, options=opts)
             if credentials is not None
             else grpc.insecure_channel(target, options=opts)
         )
-        self._stub = pb_grpc.ProbeServiceStub(self._channel)
-        self._health = self._channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=wrappers_pb2.StringValue.SerializeToString,
-            response_deserializer=wrappers_pb2.Int32Value.FromString,
-        )
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
-
-    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": tuple(self.metadata) + tuple(metadata or ()),
-        }
+        self._bind(channel, timeout, metadata)
 
     def extract(
         self,
@@ -226,7 +234,7 @@ async def _async_stream_requests(
             yield request
 
 
-class AsyncProbeClient:
+class AsyncProbeClient(_ClientCore):
     """asyncio client with the same methods as :class:`ProbeClient`; use ``async with``.
 
     Takes the same ``target`` forms and keyword-only settings as :class:`ProbeClient`
@@ -259,25 +267,12 @@ class AsyncProbeClient:
             max_reconnect_backoff_s=max_reconnect_backoff_s,
             extra=options,
         )
-        self._channel = (
+        channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None
             else grpc.aio.insecure_channel(target, options=opts)
         )
-        self._stub = pb_grpc.ProbeServiceStub(self._channel)
-        self._health = self._channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=wrappers_pb2.StringValue.SerializeToString,
-            response_deserializer=wrappers_pb2.Int32Value.FromString,
-        )
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
-
-    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": tuple(self.metadata) + tuple(metadata or ()),
-        }
+        self._bind(channel, timeout, metadata)
 
     async def extract(
         self,
