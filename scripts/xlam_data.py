@@ -1,6 +1,7 @@
 """The xLAM-derived slot data and the demo bundle's train/validation split.
 
     python scripts/xlam_data.py [--data DIR]     # prints the split's sizes and rule
+    python scripts/xlam_data.py --write-validation FILE   # its utterances as JSONL {function, utterance}
 
 The data directory holds ``train.jsonl`` and ``function_schemas.json`` (see its README; license
 CC-BY-NC-4.0). It is ``shared/data/xlam`` beside the repository (``<repo>/../shared/data/xlam``),
@@ -114,9 +115,17 @@ def load_split(data_dir: Path | None = None) -> tuple[dict[str, Any], list[Examp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Show the xLAM train/validation split.")
     parser.add_argument("--data", type=Path, default=None, help="data directory (default: %(default)s)")
+    parser.add_argument(
+        "--write-validation", type=Path, metavar="FILE",
+        help="write the validation utterances as JSONL (the input of `probeserve bundle pack --calibration`)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     data_dir = args.data or default_data_dir()
     schemas, train, val = load_split(data_dir)
+    if args.write_validation:
+        rows = [{"function": e.function, "utterance": e.utterance} for e in val]
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        args.write_validation.write_text(text, encoding="utf-8")
     n_slots = sum(len(schemas[e.function]["slots"]) for e in val)
     n_present = sum(len(e.slots) for e in val)
     print(f"data: {data_dir}")

@@ -7,6 +7,7 @@ exactly with the transformers+peft reference.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,8 +20,21 @@ from tests.support.tiny_model import TinyArtifacts, make_all
 STARTUP_TIMEOUT_S = 300
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Merged checkpoints go to a directory of this session's, not the user's cache."""
+    saved = os.environ.get("PROBESERVE_CACHE")
+    os.environ["PROBESERVE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("PROBESERVE_CACHE", None)
+    else:
+        os.environ["PROBESERVE_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
+    """The tiny model and its bundle, packed (pairing fingerprints and calibration references)."""
     return make_all(tmp_path_factory.mktemp("tiny"))
 
 

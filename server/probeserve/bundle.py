@@ -6,6 +6,8 @@ A bundle is a directory::
     probe_heads.pt            {"null_head": {...}, "pointer_head": {...}}  (or probe_heads.safetensors)
     function_schemas.json     {function: {"name", "description", "slots": {slot: {...}}}}
     bundle.json               optional manifest: name, version, base model, ...
+    pairing.json              optional, from `probeserve bundle pack`: the source model's fingerprints
+    calibration.json          optional, likewise: reference head scores for the pairing check
 
 Loading never executes code from the bundle: ``.pt`` heads go through ``torch.load(weights_only=True)``.
 """
@@ -29,6 +31,7 @@ HEADS_PT = "probe_heads.pt"
 HEADS_SAFETENSORS = "probe_heads.safetensors"
 SCHEMAS_FILE = "function_schemas.json"
 MANIFEST_FILE = "bundle.json"
+PAIRING_FILE = "pairing.json"
 
 # Flat names of the head tensors, as the recipe's module state dicts name them.
 _HEAD_KEYS = {
@@ -74,6 +77,7 @@ class Bundle:
     adapter_path: Path
     lora_rank: int
     manifest: Mapping[str, Any] = field(default_factory=dict)
+    pairing: Mapping[str, Any] | None = None  # what `bundle pack` recorded of the source model
 
     @property
     def hidden_size(self) -> int:
@@ -164,6 +168,8 @@ def load_bundle(path: str | Path) -> Bundle:
     adapter_config = _read_json(adapter_path / "adapter_config.json")
     heads = load_heads(bundle_dir)
     functions = parse_schemas(_read_json(bundle_dir / SCHEMAS_FILE))
+    pairing_path = bundle_dir / PAIRING_FILE
+    pairing = _read_json(pairing_path) if pairing_path.is_file() else None
     return Bundle(
         path=bundle_dir,
         name=str(manifest.get("name") or bundle_dir.name),
@@ -173,4 +179,5 @@ def load_bundle(path: str | Path) -> Bundle:
         adapter_path=adapter_path,
         lora_rank=int(adapter_config.get("r", 0)),
         manifest=manifest,
+        pairing=pairing,
     )

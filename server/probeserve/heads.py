@@ -30,6 +30,10 @@ class HeadOutputs:
     end: torch.Tensor  # [S] long, >= start
     start_probability: torch.Tensor  # [S] float
     end_probability: torch.Tensor  # [S] float
+    # The raw scores the decisions come from (the pairing check compares them to references).
+    null_logits: torch.Tensor  # [S, 2]
+    start_scores: torch.Tensor  # [S, N]
+    end_scores: torch.Tensor  # [S, N]
 
 
 @dataclass(frozen=True)
@@ -89,4 +93,7 @@ class ProbeHeads:
             end=end,
             start_probability=start_prob,
             end_probability=end_prob,
+            null_logits=null_logits,
+            start_scores=start_scores,
+            end_scores=end_scores,
         )

@@ -22,9 +22,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from probeserve.auth import BearerTokenInterceptor
-from probeserve.bundle import load_bundle
-from probeserve.engine import EngineConfig, VllmEngine, engine_version
+from probeserve.bundle import Bundle, load_bundle
+from probeserve.engine import EngineConfig, ServingEngine, engine_version, start_engine
 from probeserve.extraction import ExtractionRequest, Extractor
+from probeserve.pairing import Check, PairingError, function_checks, raise_on_failure, static_checks
 from probeserve.servicer import ProbeServicer, ServerLimits, ServingState
 from probeserve.tokenization import HfPieceTokenizer
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
@@ -62,12 +63,16 @@ class ServeConfig:
     bundle: Path
     model: Path
     precision: str = "bf16"
-    host: str = "127.0.0.1"
-    port: int = 50051
+    lora_mode: str = "adapter"
+    inline: bool = False
+    load_format: str = "auto"
     max_model_len: int = 512
     max_num_seqs: int = 16
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
+    host: str = "127.0.0.1"
+    port: int = 50051
+    skip_pairing_check: bool = False
     grace_s: float = 10.0
     limits: ServerLimits = field(default_factory=ServerLimits)
     tls: TlsConfig | None = None
@@ -78,6 +83,21 @@ class ServeConfig:
     # Close each client connection after this long (then a grace of the same length for calls
     # on it), so clients that balance over DNS re-resolve and find new replicas. None: never.
     max_connection_age_s: float | None = None
+
+    def engine_config(self, bundle: Bundle) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            adapter=bundle.adapter_path,
+            lora_rank=bundle.lora_rank,
+            precision=self.precision,
+            lora_mode=self.lora_mode,
+            inline=self.inline,
+            load_format=self.load_format,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
+        )
 
 
 async def _set_health(servicer: HealthServicer, status: int) -> None:
@@ -90,7 +110,44 @@ async def _warm_up(extractor: Extractor) -> None:
     await extractor.extract(ExtractionRequest(function, WARMUP_UTTERANCE, "warmup"))
 
 
-async def _watch_engine(engine: VllmEngine, health: HealthServicer, state: ServingState) -> None:
+def _static_pairing(config: ServeConfig, bundle: Bundle) -> list[Check]:
+    """Structure and provenance, before the engine starts; raises PairingError on a failure."""
+    checks = static_checks(bundle, config.model, config.precision)
+    raise_on_failure(checks)
+    return checks
+
+
+async def _function_pairing(config: ServeConfig, extractor: Extractor) -> list[Check]:
+    """The calibration references through the running engine; raises PairingError on a failure."""
+    checks = await function_checks(extractor.bundle, extractor.prompts, extractor.engine, config.precision)
+    raise_on_failure(checks)
+    log.info("pairing_passed", checks=len(checks), precision=config.precision, lora_mode=config.lora_mode)
+    return checks
+
+
+def _log_failed(exc: PairingError) -> None:
+    check = exc.check
+    log.error(
+        "pairing_failed", check=check.name, measured=check.measured, threshold=check.threshold,
+        detail=check.detail, action="not serving; --skip-pairing-check overrides (not advised)",
+    )  # fmt: skip
+
+
+async def check_pairing(config: ServeConfig) -> list[Check]:
+    """Every pairing check, as ``serve`` runs them, without a gRPC server; stops at the first failure."""
+    bundle = load_bundle(config.bundle)
+    checks = static_checks(bundle, config.model, config.precision)
+    if any(not c.passed for c in checks):
+        return checks
+    engine = await asyncio.to_thread(start_engine, config.engine_config(bundle))
+    try:
+        extractor = Extractor(bundle, HfPieceTokenizer.from_pretrained(config.model), engine)
+        return checks + await function_checks(bundle, extractor.prompts, engine, config.precision)
+    finally:
+        engine.shutdown()
+
+
+async def _watch_engine(engine: ServingEngine, health: HealthServicer, state: ServingState) -> None:
     """Turn health NOT_SERVING as soon as the engine is found dead."""
     while not engine.errored:
         await asyncio.sleep(WATCHDOG_INTERVAL_S)
@@ -157,20 +214,17 @@ async def serve(config: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine: VllmEngine | None = None
+    engine: ServingEngine | None = None
     watchdog: asyncio.Task[None] | None = None
     try:
-        engine_config = EngineConfig(
-            model=config.model,
-            adapter=bundle.adapter_path,
-            lora_rank=bundle.lora_rank,
-            precision=config.precision,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enforce_eager=config.enforce_eager,
-        )
-        engine_task = asyncio.create_task(asyncio.to_thread(VllmEngine.start, engine_config))
+        if config.skip_pairing_check:
+            log.warning(
+                "pairing_check_skipped", model=str(config.model), bundle=bundle.name,
+                note="--skip-pairing-check: nothing shows this model is the one the bundle was trained for",
+            )  # fmt: skip
+        else:
+            _static_pairing(config, bundle)
+        engine_task = asyncio.create_task(asyncio.to_thread(start_engine, config.engine_config(bundle)))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({engine_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not engine_task.done():
@@ -182,6 +236,8 @@ async def serve(config: ServeConfig) -> None:
         state.metrics.watch_engine(live_engine.unfinished_requests, lambda: not live_engine.errored)
         extractor = Extractor(bundle, tokenizer, engine)
         await _warm_up(extractor)
+        if not config.skip_pairing_check:
+            await _function_pairing(config, extractor)
         state.engine_version = engine_version()
         state.extractor = extractor
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
@@ -190,6 +246,9 @@ async def serve(config: ServeConfig) -> None:
             "serving", address=f"{config.host}:{port}", startup_s=round(time.perf_counter() - started, 1)
         )
         await stop.wait()
+    except PairingError as exc:
+        _log_failed(exc)
+        raise
     finally:
         drain_started = time.perf_counter()
         log.info("shutting_down", grace_s=config.grace_s)

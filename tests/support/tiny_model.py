@@ -153,13 +153,79 @@ def make_bundle(model_dir: Path, bundle_dir: Path) -> None:
     (bundle_dir / "bundle.json").write_text(json.dumps({"name": "tiny", "version": "1"}))
 
 
-def make_all(root: Path) -> TinyArtifacts:
+# Utterances for the pairing check's calibration references (`probeserve bundle pack`).
+CALIBRATION = [
+    ("book_flight", "Book a flight from Paris to Tokyo on March 3rd for two adults."),
+    ("get_weather", "What's the weather in Berlin tomorrow, in celsius please?"),
+    ("book_flight", "Fly me to Москва from 東京, one passenger."),
+    ("get_weather", "Is it cold in Paris? Answer in fahrenheit."),
+    ("book_flight", "Two adults from Berlin to Paris on weekdays."),
+    ("get_weather", "weather for Union Square"),
+    ("book_flight", "A table for four? No: a flight to Tokyo at 7pm."),
+    ("get_weather", "Ünïcödé café weather, résumé style 🙂"),
+]
+
+
+def write_calibration(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"function": f, "utterance": u}) + "\n" for f, u in CALIBRATION))
+    return path
+
+
+def make_all(root: Path, pack: bool = True) -> TinyArtifacts:
+    """The tiny model and its bundle; ``pack``: run `bundle pack` on it, as a release would."""
     model_dir, bundle_dir = root / "model", root / "bundle"
     model_dir.mkdir(parents=True, exist_ok=True)
     make_tokenizer(model_dir)
     make_model(model_dir)
     make_bundle(model_dir, bundle_dir)
+    if pack:
+        from probeserve.pack import pack as pack_bundle
+
+        pack_bundle(bundle_dir, model_dir, write_calibration(root / "calibration.jsonl"), len(CALIBRATION))
     return TinyArtifacts(model_dir, bundle_dir)
+
+
+def make_lookalike(model_dir: Path, out_dir: Path, how: str) -> Path:
+    """A "different fine-tune" of the tiny model: same architecture and tokenizer, other weights.
+
+    ``lora``: an unrelated LoRA adapter merged into the base; ``steps``: a few full fine-tuning
+    steps of causal-LM training on the corpus.
+    """
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if how == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(7)
+        config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "v_proj"])
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0.0, 0.15)
+        model = peft_model.merge_and_unload()
+    elif how == "steps":
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        torch.manual_seed(7)
+        model.train()
+        for text in CORPUS[:5]:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+    else:
+        raise ValueError(f"unknown look-alike {how!r}")
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    for path in model_dir.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and not (out_dir / path.name).exists():
+            shutil.copy2(path, out_dir / path.name)
+    return out_dir
 
 
 if __name__ == "__main__":
