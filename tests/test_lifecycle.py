@@ -81,7 +81,13 @@ def guarded(
         model=tiny.model_dir,
         precision="fp32",
         log_path=directory / "server.log",
+        # The other engine (in-process, thread-driven) and the unmerged adapter: the session
+        # server runs vLLM's engine-core process with the adapter merged.
         extra_args=(
+            "--engine",
+            "inline",
+            "--lora-mode",
+            "adapter",
             "--tls-cert",
             str(tls.cert),
             "--tls-key",
@@ -130,6 +136,26 @@ def test_tls_and_token_are_required_but_health_stays_open(guarded: tuple[Running
     with ProbeClient(server.target, retries=0, timeout=5) as plaintext, pytest.raises(ProbeServeError) as err:
         plaintext.health()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_inline_engine_with_unmerged_adapter_answers_as_the_default(
+    guarded: tuple[RunningServer, Tls], client: ProbeClient
+) -> None:
+    server, tls = guarded
+    cases = [
+        ("get_weather", "rain in Oslo tomorrow, celsius"),
+        ("book_flight", "Paris to Tokyo on March 3rd"),
+    ]
+    with _client(server, tls) as inline:
+        for function, utterance in cases:
+            got, want = inline.extract(function, utterance), client.extract(function, utterance)
+            assert got.values() == want.values()
+            for g, w in zip(got.slots, want.slots, strict=True):
+                assert (g.present, g.token_start, g.token_end) == (w.present, w.token_start, w.token_end)
+                assert g.presence_probability == pytest.approx(w.presence_probability, abs=1e-4)
+    log = server.log_lines()
+    started = next(e for e in log if e.get("event") == "engine_started")
+    assert (started["lora_mode"], started["engine"]) == ("adapter", "inline")
 
 
 def test_overload_gets_resource_exhausted_and_recovers(guarded: tuple[RunningServer, Tls]) -> None:

@@ -74,7 +74,7 @@ def head_scores(heads: ProbeHeads, prompt: Prompt, hidden: torch.Tensor) -> Head
     queries = torch.tensor(prompt.query_positions, dtype=torch.long)
     out = heads.apply(hidden, queries, slice(prompt.utterance_start, prompt.utterance_end))
     norm = float(hidden.index_select(0, queries).norm(dim=-1).mean())
-    return HeadScores(out.null_logits, out.start_scores, out.end_scores, norm)
+    return HeadScores(out.null_logits.cpu(), out.start_scores.cpu(), out.end_scores.cpu(), norm)
 
 
 @dataclass(frozen=True)

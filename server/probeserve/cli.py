@@ -129,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_args(check)
     _add_log_args(check)
+    check.add_argument(
+        "--keep-going", action="store_true",
+        help="run the engine checks even after a structure or provenance check failed (diagnosis)",
+    )  # fmt: skip
     bundle = commands.add_parser("bundle", help="bundle tools")
     bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
     pack = bundle_commands.add_parser(
@@ -226,7 +230,7 @@ def _check_pairing(args: argparse.Namespace) -> None:
     from probeserve.server import ServeConfig, check_pairing
 
     try:
-        checks = asyncio.run(check_pairing(ServeConfig(**_engine_settings(args))))
+        checks = asyncio.run(check_pairing(ServeConfig(**_engine_settings(args)), keep_going=args.keep_going))
     except (ProbeError, BundleError) as exc:
         sys.exit(f"error: {exc}")
     for check in checks:

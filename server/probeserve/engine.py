@@ -31,6 +31,11 @@ LORA_MODES = ("adapter", "merged")
 # prompts here are short, so a small cache is plenty.
 DEFAULT_CPU_KVCACHE_GIB = "1"
 ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
+# Token counts that CUDA graphs are captured for when compiled (not enforce_eager). vLLM's default
+# stops at twice max_num_seqs (32 tokens at 16), shorter than one ~60-token prompt, so every
+# request would run without a graph (H200: 18.5 ms against 13.0 ms with these sizes); batches
+# in between are padded up to the next size.
+CUDA_GRAPH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,11 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     if config.lora_mode not in LORA_MODES:
         raise ProbeError(f"unknown LoRA mode {config.lora_mode!r}; choose one of {', '.join(LORA_MODES)}")
     merged = config.lora_mode == "merged"
-    if merged and config.precision in QUANTIZED_PRECISIONS:
+    dummy = config.load_format == "dummy"
+    if merged and config.precision in QUANTIZED_PRECISIONS and not dummy:
         raise ProbeError("an adapter cannot be merged into quantized weights; use lora_mode='adapter'")
     model = str(config.model)
-    if merged and config.load_format == "dummy":
+    if merged and dummy:
         log.warning("merge_skipped", why="dummy weights: no LoRA in the engine, the cost of a merged adapter")
     elif merged:
         from probeserve.merge import merged_checkpoint
@@ -150,6 +156,9 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     }
     if not merged:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(config.lora_rank))
+    if not config.enforce_eager and torch.cuda.is_available():
+        limit = kwargs["max_num_batched_tokens"]
+        kwargs["cudagraph_capture_sizes"] = [size for size in CUDA_GRAPH_SIZES if size <= limit]
     return kwargs
 
 
@@ -219,7 +228,7 @@ class VllmEngine:
         max_len = int(engine.model_config.max_model_len)
         log.info(
             "engine_started", model=kwargs["model"], precision=config.precision,
-            lora_mode=config.lora_mode, max_model_len=max_len,
+            lora_mode=config.lora_mode, max_model_len=max_len, engine="process",
         )  # fmt: skip
         return cls(engine, config, max_len)
 

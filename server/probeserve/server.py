@@ -8,6 +8,7 @@ engine dies, a watchdog turns health NOT_SERVING; calls then fail fast with UNAV
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,13 @@ class ServeConfig:
         )
 
 
+def _heads_beside_engine(bundle: Bundle) -> Bundle:
+    """On a GPU machine the heads run on the GPU, where the engine's hidden states are made."""
+    if not torch.cuda.is_available():
+        return bundle
+    return dataclasses.replace(bundle, heads=bundle.heads.to("cuda"))
+
+
 async def _set_health(servicer: HealthServicer, status: int) -> None:
     for name in ("", SERVICE_NAME):
         await servicer.set(name, status)
@@ -133,11 +141,15 @@ def _log_failed(exc: PairingError) -> None:
     )  # fmt: skip
 
 
-async def check_pairing(config: ServeConfig) -> list[Check]:
-    """Every pairing check, as ``serve`` runs them, without a gRPC server; stops at the first failure."""
+async def check_pairing(config: ServeConfig, keep_going: bool = False) -> list[Check]:
+    """Every pairing check, as ``serve`` runs them, without a gRPC server.
+
+    A failed static check ends it (as it ends ``serve``) unless ``keep_going``: then the engine
+    checks run too, to show how far from the source the model answers.
+    """
     bundle = load_bundle(config.bundle)
     checks = static_checks(bundle, config.model, config.precision)
-    if any(not c.passed for c in checks):
+    if not keep_going and any(not c.passed for c in checks):
         return checks
     engine = await asyncio.to_thread(start_engine, config.engine_config(bundle))
     try:
@@ -188,7 +200,7 @@ async def serve(config: ServeConfig) -> None:
     # The head math is a few small matmuls per request: one thread is fastest, and leaves the
     # cores to the engine-core process instead of fighting it for them.
     torch.set_num_threads(1)
-    bundle = load_bundle(config.bundle)
+    bundle = _heads_beside_engine(load_bundle(config.bundle))
     tokenizer = HfPieceTokenizer.from_pretrained(config.model)
     state = ServingState(
         bundle=bundle,
