@@ -27,12 +27,11 @@ benchmark of wrong answers is worthless.
     python scripts/bench.py -n 20 --precision fp32 --out bench.json
     python scripts/bench.py --systems a,b --concurrency 1,8,16 --lora-mode merged
 
-LoRA mode: (a), (b) and (c) run the same one. On a probeserve whose ``EngineConfig`` has
-``lora_mode``, ``--lora-mode`` (default: what ``probeserve serve --lora-mode auto`` picks, merged at
-full precision) goes to (a) as ``EngineConfig.lora_mode`` and to (b) as ``--lora-mode``, and with
-``merged`` (c) serves the same merged checkpoint (``probeserve.merge``, cached) without LoRA; on an
-older one nothing is sent and all three apply the adapter per request. (d) always runs peft's
-unmerged adapter: it is the reference. ``--engine process|inline`` goes to (a) and (b) only when
+LoRA mode: (a), (b) and (c) run the same one: ``--lora-mode`` (default: what ``probeserve serve
+--lora-mode auto`` picks, merged at full precision) goes to (a) as ``EngineConfig.lora_mode`` and
+to (b) as ``--lora-mode``, and with ``merged`` (c) serves the same merged checkpoint
+(``probeserve.merge``, cached) without LoRA. (d) always runs peft's unmerged adapter: it is the
+reference. ``--engine process|inline`` goes to (a) and (b) only when
 given.
 """
 
@@ -102,20 +101,9 @@ def canonical(slots: Sequence[Any]) -> Canonical:
     ]
 
 
-def _engine_fields() -> set[str]:
-    from probeserve.engine import EngineConfig
-
-    return {f.name for f in dataclasses.fields(EngineConfig)}
-
-
-def effective_lora_mode(requested: str | None, precision: str) -> str | None:
-    """The LoRA mode (a), (b) and (c) all run; None on a probeserve without LoRA modes (adapter)."""
-    if "lora_mode" not in _engine_fields():
-        if requested not in (None, "auto", "adapter"):
-            raise SystemExit(f"--lora-mode {requested}: this probeserve has no LoRA modes (adapter only)")
-        return None
+def effective_lora_mode(requested: str | None, precision: str) -> str:
+    """The LoRA mode (a), (b) and (c) all run: as ``probeserve serve --lora-mode auto`` picks it."""
     if requested in (None, "auto"):
-        # As `probeserve serve --lora-mode auto` resolves it: merged at full precision.
         return "merged" if precision in TORCH_DTYPES else "adapter"
     return requested
 
@@ -123,19 +111,13 @@ def effective_lora_mode(requested: str | None, precision: str) -> str | None:
 def _engine_config(work: dict[str, Any], bundle: Any) -> Any:
     from probeserve.engine import EngineConfig
 
-    extra: dict[str, Any] = {}
-    if work["lora_mode"] is not None:
-        extra["lora_mode"] = work["lora_mode"]
-    if work["engine"] is not None:
-        if "inline" not in _engine_fields():
-            raise SystemExit("--engine: this probeserve's EngineConfig has no inline field")
-        extra["inline"] = work["engine"] == "inline"
     return EngineConfig(
         model=Path(work["model"]),
         adapter=bundle.adapter_path,
         lora_rank=bundle.lora_rank,
         precision=work["precision"],
-        **extra,
+        lora_mode=work["lora_mode"],
+        inline=work["engine"] == "inline",
     )
 
 
@@ -145,7 +127,7 @@ class EngineSystem:
     def __init__(self, work: dict[str, Any]) -> None:
         self.work = work
         self.root_pid = os.getpid()
-        self.lora = work["lora_mode"] or "adapter"
+        self.lora = work["lora_mode"]
 
     async def start(self) -> None:
         import torch
@@ -159,9 +141,7 @@ class EngineSystem:
         bundle = load_bundle(Path(self.work["bundle"]))
         tokenizer = HfPieceTokenizer.from_pretrained(self.work["model"])
         config = _engine_config(self.work, bundle)
-        # As the server starts it: start_engine (process or inline) where it exists, else VllmEngine.
-        start = getattr(engine_module, "start_engine", None) or engine_module.VllmEngine.start
-        self.engine = await asyncio.to_thread(start, config)
+        self.engine = await asyncio.to_thread(engine_module.start_engine, config)
         self.extractor = Extractor(bundle, tokenizer, self.engine)
 
     async def extract(self, item: Utterance) -> Canonical:
@@ -182,15 +162,13 @@ class ServerSystem:
     def __init__(self, work: dict[str, Any], log_dir: Path) -> None:
         self.work = work
         self.log_dir = log_dir
-        self.lora = work["lora_mode"] or "adapter"
+        self.lora = work["lora_mode"]
 
     async def start(self) -> None:
         from probeserve.launcher import start_server
         from probeserve_client import AsyncProbeClient
 
-        extra: tuple[str, ...] = ()
-        if self.work["lora_mode"] is not None:
-            extra += ("--lora-mode", self.work["lora_mode"])
+        extra: tuple[str, ...] = ("--lora-mode", self.work["lora_mode"])
         if self.work["engine"] is not None:
             extra += ("--engine", self.work["engine"])
         self.server = await asyncio.to_thread(
@@ -580,7 +558,7 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
         f"Inputs: {len(report['inputs'])} utterances (seed {s['seed']}); precision {s['precision']}; "
-        f"LoRA {s['lora_mode'] or 'adapter (no LoRA modes)'} for (a)-(c), peft adapter for (d); "
+        f"LoRA {s['lora_mode']} for (a)-(c), peft adapter for (d); "
         f"warm-up {s['warmup']} + one wave.",
         "",
         "| system | conc. | p50 ms | p90 ms | items/s | p50 / (a) | items/s / (a) | RSS MiB | PSS MiB "

@@ -125,11 +125,11 @@ def convert(gguf_path: Path, out: Path) -> None:
     config.dtype = torch.float16
     # A GGUF-loaded model refuses save_pretrained: move its weights into a plain model.
     with torch.device("meta"):
-        plain = LlamaForCausalLM(config)
+        plain = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     state = {k: v.to(torch.float16) for k, v in loaded.state_dict().items()}
     plain.load_state_dict(state, strict=True, assign=True)
     plain.tie_weights()
-    plain.to(torch.float16)
+    plain.to(torch.float16)  # type: ignore[arg-type]
     plain.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     # Canonical configs: no GGUF quantization_config (the weights are plain float16 now), no

@@ -17,6 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.inputs import TokensPrompt
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -37,7 +41,7 @@ def measure(args: argparse.Namespace, lora: bool) -> dict[str, object]:
         kwargs.update(enable_lora=True, max_lora_rank=16, max_loras=1)
     llm = LLM(**kwargs)  # type: ignore[arg-type]
     request = LoRARequest("bundle", 1, str(args.bundle / "lora_adapter")) if lora else None
-    prompt = [{"prompt_token_ids": [1000 + i for i in range(args.tokens)]}]
+    prompt: list[TokensPrompt] = [{"prompt_token_ids": [1000 + i for i in range(args.tokens)]}]
     for _ in range(args.warmup):
         llm.encode(prompt, pooling_task="token_embed", use_tqdm=False, lora_request=request)
     times = []
@@ -68,7 +72,7 @@ def main() -> int:
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
     base, lora = results
     summary = {"precision": args.precision, "tokens": args.tokens, "base": base, "lora": lora,
-               "lora_over_base_p50": round(float(lora["p50_ms"]) / float(base["p50_ms"]), 2)}  # type: ignore[arg-type]  # fmt: skip
+               "lora_over_base_p50": round(float(lora["p50_ms"]) / float(base["p50_ms"]), 2)}  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEMO_MODELS / "smollm2-135m-lookalike")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
@@ -60,9 +60,9 @@ def main() -> int:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     args.out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(str(args.out), safe_serialization=True)
+    model.to(torch.float16).save_pretrained(str(args.out), safe_serialization=True)  # type: ignore[arg-type]
     # The tokenizer and config go along; the manifest (the source's fingerprint) does not.
     for path in args.model.iterdir():
         weights_or_manifest = path.name.endswith(".safetensors") or path.name == "manifest.json"

@@ -159,7 +159,8 @@ class NullHead(nn.Module):
         self.classifier = nn.Linear(d, 2)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.classifier(q)
+        logits: torch.Tensor = self.classifier(q)
+        return logits
 
 
 class PointerHead(nn.Module):
@@ -264,7 +265,8 @@ def hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final-layer states after the final norm ([B, T, d]); right padding leaves real tokens as-is."""
     decoder = model.get_base_model().model
     out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.last_hidden_state
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
 
 
 def autocast(device: torch.device, precision: str) -> Any:
@@ -297,7 +299,8 @@ def evaluate(
         pred_present = (presence.argmax(-1) == 0).tolist()
         s_idx = start.argmax(-1)
         e_idx = torch.maximum(end.argmax(-1), s_idx)
-        s_idx, e_idx = s_idx.tolist(), e_idx.tolist()
+        starts: list[int] = s_idx.tolist()
+        ends: list[int] = e_idx.tolist()
         k = 0
         for e in chunk:
             for j, slot in enumerate(e.slots):
@@ -309,7 +312,7 @@ def evaluate(
                     value = None
                     if pred_present[k]:
                         value = decode_span(
-                            e.example.utterance, e.offsets, s_idx[k] - e.utt_start, e_idx[k] - e.utt_start
+                            e.example.utterance, e.offsets, starts[k] - e.utt_start, ends[k] - e.utt_start
                         )
                     if value == gold:
                         em += 1
@@ -531,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss = loss + F.cross_entropy(start, batch["start"], ignore_index=-100)
                 loss = loss + F.cross_entropy(end, batch["end"], ignore_index=-100)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_([*lora_params, *heads.parameters()], 1.0)
             optimizer.step()
             scheduler.step()

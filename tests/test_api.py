@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from probeserve.launcher import RunningServer
-from probeserve_client import AsyncProbeClient, ExtractItem, ProbeClient, ProbeServeError
+from probeserve_client import (
+    AsyncProbeClient,
+    Extraction,
+    ExtractItem,
+    ExtractResult,
+    ProbeClient,
+    ProbeServeError,
+)
 
 
 def test_not_serving_until_engine_is_warm(server: RunningServer) -> None:
@@ -127,22 +135,22 @@ def test_stream_can_be_cancelled_midway(client: ProbeClient) -> None:
 def test_async_client_matches_sync(server: RunningServer, client: ProbeClient) -> None:
     sync = client.extract("book_flight", "from Lisbon to Madrid on Monday")
 
-    async def run() -> tuple[object, list[object], list[object]]:
+    async def run() -> tuple[Extraction, list[ExtractResult], list[ExtractResult]]:
         async with AsyncProbeClient(server.target, timeout=60) as aclient:
             one = await aclient.extract("book_flight", "from Lisbon to Madrid on Monday")
             batch = await aclient.extract_batch([("book_flight", "from Lisbon to Madrid on Monday")])
 
-            async def items() -> object:
+            async def items() -> AsyncIterator[ExtractItem]:
                 for i in range(3):
                     yield ExtractItem("book_flight", "from Lisbon to Madrid on Monday", request_id=str(i))
 
-            streamed = [r async for r in aclient.stream(items())]  # type: ignore[arg-type]
+            streamed = [r async for r in aclient.stream(items())]
             return one, batch, streamed
 
     one, batch, streamed = asyncio.run(run())
-    assert one.values() == sync.values()  # type: ignore[attr-defined]
-    assert batch[0].extraction.values() == sync.values()  # type: ignore[attr-defined]
-    assert [r.request_id for r in streamed] == ["0", "1", "2"]  # type: ignore[attr-defined]
+    assert one.values() == sync.values()
+    assert batch[0].extraction.values() == sync.values()  # type: ignore[union-attr]
+    assert [r.request_id for r in streamed] == ["0", "1", "2"]
 
 
 def test_server_logs_one_json_line_per_request_without_text(

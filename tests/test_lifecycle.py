@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -218,7 +218,7 @@ def test_sigterm_under_load_loses_no_accepted_request(guarded: tuple[RunningServ
     signalled = asyncio.Event()
 
     async def stream_worker(aclient: AsyncProbeClient, w: int) -> None:
-        async def items():  # type: ignore[no-untyped-def]
+        async def items() -> AsyncIterator[ExtractItem]:
             for i in range(200):  # bounded; the server stops long before
                 if signalled.is_set():
                     return

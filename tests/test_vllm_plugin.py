@@ -18,7 +18,7 @@ def _kernel_layout(weight: torch.Tensor) -> torch.Tensor:
     k = weight.shape[0]
     packed = pack_quantized_values_into_int32(weight, scalar_types.uint4, 0)
     unpacked = unpack_quantized_values_into_int32(packed, scalar_types.uint4, 0)
-    by_output = pack_quantized_values_into_int32(unpacked, scalar_types.uint4, 1)
+    by_output: torch.Tensor = pack_quantized_values_into_int32(unpacked, scalar_types.uint4, 1)
     return by_output.view(k, -1, 2).permute(1, 0, 2).reshape(-1, k * 2).contiguous()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -71,7 +72,7 @@ def make_tokenizer(model_dir: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
@@ -97,10 +98,10 @@ def make_model(model_dir: Path, seed: int = 0) -> None:
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
     with torch.no_grad():  # non-unit norm weights, so hidden-state norms vary as in real models
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -222,7 +223,7 @@ def make_lookalike(model_dir: Path, out_dir: Path, how: str) -> Path:
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:
                     param.normal_(0.0, 0.15)
-        model = peft_model.merge_and_unload()
+        model = cast("LlamaForCausalLM", peft_model.merge_and_unload())
     elif how == "steps":
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -234,7 +235,7 @@ def make_lookalike(model_dir: Path, out_dir: Path, how: str) -> Path:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
     else:
         raise ValueError(f"unknown look-alike {how!r}")
     model.save_pretrained(str(out_dir), safe_serialization=True)
