@@ -1,7 +1,10 @@
-"""The engine's own floor: vLLM ``LLM.encode`` (token_embed) latency with and without the LoRA adapter.
+"""The engine's own floor: vLLM ``LLM.encode`` (token_embed) latency without the adapter, with it
+per request (LoRA), and with it merged into the weights (``probeserve.merge``, what the server
+runs at full precision).
 
 No server, no tokenizer work, no heads: one engine per configuration, one process each, the same
-synthetic prompt of ``--tokens`` ids. Shows what the LoRA path costs the engine itself.
+synthetic prompt of ``--tokens`` ids, in one run. Shows what the LoRA path costs the engine and
+what merging saves.
 
     python scripts/engine_floor.py                      # the demo model and bundle, fp32
     python scripts/engine_floor.py --precision bf16 --tokens 60 --iters 30
@@ -26,14 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def measure(args: argparse.Namespace, lora: bool) -> dict[str, object]:
+def measure(args: argparse.Namespace, which: str) -> dict[str, object]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
     from vllm.config import PoolerConfig
     from vllm.lora.request import LoRARequest
 
+    lora = which == "lora"
+    model = args.model
+    if which == "merged":
+        from probeserve.merge import merged_checkpoint
+
+        model = merged_checkpoint(args.model, args.bundle / "lora_adapter", DTYPES[args.precision])
     kwargs: dict[str, object] = {
-        "model": str(args.model), "runner": "pooling", "dtype": DTYPES[args.precision],
+        "model": str(model), "runner": "pooling", "dtype": DTYPES[args.precision],
         "pooler_config": PoolerConfig(task="token_embed", use_activation=False),
         "max_model_len": 512, "enforce_eager": True, "enable_prefix_caching": False,
     }  # fmt: skip
@@ -49,7 +58,7 @@ def measure(args: argparse.Namespace, lora: bool) -> dict[str, object]:
         t0 = time.perf_counter()
         llm.encode(prompt, pooling_task="token_embed", use_tqdm=False, lora_request=request)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"lora": lora, "p50_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1)}
+    return {"engine": which, "p50_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1)}
 
 
 def main() -> int:
@@ -60,19 +69,22 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=49)
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--one", choices=["lora", "base"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--one", choices=["base", "lora", "merged"], help=argparse.SUPPRESS)  # child
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(measure(args, args.one == "lora")), flush=True)
+        print("RESULT " + json.dumps(measure(args, args.one)), flush=True)
         return 0
     results = []
-    for which in ("base", "lora"):  # one process per engine, so neither inherits the other's state
+    for which in ("base", "lora", "merged"):  # one process per engine: none inherits another's state
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", which],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    base, lora = results
-    summary = {"precision": args.precision, "tokens": args.tokens, "base": base, "lora": lora,
-               "lora_over_base_p50": round(float(lora["p50_ms"]) / float(base["p50_ms"]), 2)}  # fmt: skip
+    base, lora, merged = results
+    summary = {
+        "precision": args.precision, "tokens": args.tokens, "base": base, "lora": lora, "merged": merged,
+        "lora_over_base_p50": round(float(lora["p50_ms"]) / float(base["p50_ms"]), 2),
+        "lora_over_merged_p50": round(float(lora["p50_ms"]) / float(merged["p50_ms"]), 2),
+    }  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 

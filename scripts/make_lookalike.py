@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEMO_MODELS / "smollm2-135m-lookalike")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
