@@ -229,7 +229,6 @@ async def floor_child(settings: Settings, name: str) -> dict[str, Any]:
     import torch
 
     from probeserve import engine as engine_module
-    from probeserve import inline_engine
     from probeserve.bundle import load_bundle
     from probeserve.extraction import ExtractionRequest, Extractor
     from probeserve.inline_engine import InlineEngine
@@ -237,17 +236,7 @@ async def floor_child(settings: Settings, name: str) -> dict[str, Any]:
     from probeserve.tokenization import HfPieceTokenizer
 
     if CONFIGS[name].vllm_graph_sizes:
-        engine_module.CUDA_GRAPH_SIZES = ()
-        original = vars(inline_engine)["engine_kwargs"]  # its own import of engine_kwargs
-
-        def default_sizes(config: Any) -> dict[str, Any]:
-            # no sizes at all, not an empty list (vLLM asserts on one): vLLM's own default
-            kwargs: dict[str, Any] = original(config)
-            if not kwargs.get("cudagraph_capture_sizes", True):
-                del kwargs["cudagraph_capture_sizes"]
-            return kwargs
-
-        vars(inline_engine)["engine_kwargs"] = default_sizes
+        engine_module.CUDA_GRAPH_SIZES = ()  # engine_kwargs then leaves the sizes to vLLM
 
     torch.set_num_threads(1)  # as probeserve.server.serve does
     config = engine_config(settings, name)
