@@ -6,6 +6,7 @@ precision and refuse a wrong checkpoint before the engine starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,15 @@ from typing import Any
 from probeserve.errors import ProbeError
 
 CONFIG_FILE = "config.json"
+
+
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (weight files are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_config(model: Path) -> dict[str, Any]:

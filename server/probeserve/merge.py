@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 import torch
 
+from probeserve.checkpoint import sha256_file
 from probeserve.errors import ProbeError
 
 log = structlog.get_logger(__name__)
@@ -54,14 +55,6 @@ def cache_root() -> Path:
     return Path(root) / "merged"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(model: Path, adapter: Path, dtype: str) -> str:
     """A key that changes when the model files, the adapter or the dtype change."""
     digest = hashlib.sha256(f"{MERGE_FORMAT}\n{dtype}\n".encode())
@@ -71,7 +64,7 @@ def cache_key(model: Path, adapter: Path, dtype: str) -> str:
             digest.update(f"m {path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     for path in sorted(adapter.iterdir()):
         if path.is_file():
-            digest.update(f"a {path.name} {_sha256(path)}\n".encode())
+            digest.update(f"a {path.name} {sha256_file(path)}\n".encode())
     return digest.hexdigest()[:24]
 
 

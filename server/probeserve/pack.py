@@ -10,7 +10,6 @@ it had none.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from probeserve import calibration, fingerprint
 from probeserve.bundle import MANIFEST_FILE, PAIRING_FILE, load_bundle
+from probeserve.checkpoint import sha256_file
 from probeserve.errors import BundleError
 from probeserve.pairing import DEFAULT_TOLERANCES, PAIRING_FORMAT
 from probeserve.prompt import PromptBuilder
@@ -30,14 +30,6 @@ from probeserve.tokenization import HfPieceTokenizer
 log = structlog.get_logger(__name__)
 
 DEFAULT_EXAMPLES = 32
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _manifest_fingerprint(model: Path) -> str | None:
@@ -96,7 +88,7 @@ def pack(bundle_dir: Path, model: Path, utterances: Path, examples: int = DEFAUL
         "weights": fingerprint.weights(model),
         "source": {
             "fingerprint": _manifest_fingerprint(model),
-            "files": {p.name: _sha256(p) for p in sorted(model.glob("*.safetensors"))},
+            "files": {p.name: sha256_file(p) for p in sorted(model.glob("*.safetensors"))},
         },
         "calibration": {
             "file": calibration.CALIBRATION_FILE,
