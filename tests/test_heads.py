@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from probeserve.heads import ProbeHeads
+from probeserve.heads import ProbeHeads, decisions
 
 
 def _heads(d: int, seed: int = 0) -> ProbeHeads:
@@ -79,3 +79,33 @@ def test_l2_normalised_states_change_presence() -> None:
     unit = torch.nn.functional.normalize(raw, dim=-1)
     assert bool(heads.apply(raw, torch.tensor([1]), slice(0, 1)).present[0]) is True
     assert bool(heads.apply(unit, torch.tensor([1]), slice(0, 1)).present[0]) is False
+
+
+def _random_prompt(g: torch.Generator, d: int) -> tuple[torch.Tensor, list[int], slice]:
+    t = int(torch.randint(12, 40, (1,), generator=g))
+    hidden = torch.randn(t, d, generator=g)
+    begin = int(torch.randint(1, 4, (1,), generator=g))
+    end = int(torch.randint(begin + 1, t - 5, (1,), generator=g))
+    slots = int(torch.randint(1, 6, (1,), generator=g))
+    queries = sorted(torch.randperm(t - end, generator=g)[:slots].add(end).tolist())
+    return hidden, queries, slice(begin, end)
+
+
+def test_batched_decisions_equal_one_prompt_at_a_time() -> None:
+    """Padding and masking in ``decide_batch`` change nothing: prompts of different lengths,
+    slot counts and utterance spans get what ``apply`` gives each alone."""
+    d = 32
+    heads = _heads(d, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for batch_size in (1, 2, 5, 8):
+        items = [_random_prompt(g, d) for _ in range(batch_size)]
+        for (hidden, queries, utt), got in zip(items, heads.decide_batch(items), strict=True):
+            want = decisions(heads.apply(hidden, torch.tensor(queries), utt))
+            assert (got.present, got.start, got.end) == (want.present, want.start, want.end)
+            for a, b in zip(
+                got.presence_probability + got.start_probability + got.end_probability,
+                want.presence_probability + want.start_probability + want.end_probability,
+                strict=True,
+            ):
+                assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    assert heads.decide_batch([]) == []

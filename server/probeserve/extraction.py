@@ -8,13 +8,15 @@ from __future__ import annotations
 import difflib
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from probeserve.bundle import Bundle
 from probeserve.errors import ErrorKind, InvalidRequestError, ProbeError
+from probeserve.heads import HeadDecisions
 from probeserve.prompt import PieceTokenizer, Prompt, PromptBuilder
 from probeserve.spans import decode_span
 
@@ -28,6 +30,37 @@ class HiddenStateEngine(Protocol):
     async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
         """The final-layer hidden states [T, d] of the prompt, with the bundle's adapter applied."""
         ...
+
+
+C = TypeVar("C")
+R = TypeVar("R")
+# Reads the hidden states of several requests at once: (states [T, d], the caller's context) in,
+# one result per item out; an item's result may be an exception, raised to that caller alone.
+BatchReader = Callable[[Sequence[tuple[torch.Tensor, C]]], Sequence[R | BaseException]]
+
+
+@runtime_checkable
+class ReadsInPlace(Protocol):
+    """An engine that applies a reader to the hidden states where it makes them.
+
+    The inline engine hands the reader every request that one step finished, on its own thread
+    and with the states still beside the GPU: the probe heads then run once per step for the
+    whole batch, and the event loop gets back a few numbers per request instead of a [T, d]
+    tensor to process.
+    """
+
+    async def read_states(
+        self, request_id: str, token_ids: list[int], reader: BatchReader[C, R], context: C
+    ) -> R:
+        """This request's item of ``reader(...)``; the reader's exceptions reach the caller."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Read:
+    decisions: HeadDecisions
+    started: float  # perf_counter() when the heads began
+    ended: float
 
 
 @dataclass(frozen=True)
@@ -123,33 +156,75 @@ class Extractor:
         request_id = request.request_id or new_request_id()
         prompt = self.prepare(request)
         t1 = time.perf_counter()
-        hidden = await self.engine.hidden_states(request_id, prompt.token_ids)
-        t2 = time.perf_counter()
-        slots = self.read_slots(prompt, request.utterance, hidden)
+        if isinstance(self.engine, ReadsInPlace):
+            done: _Read = await self.engine.read_states(request_id, prompt.token_ids, self._read_many, prompt)
+        else:
+            hidden = await self.engine.hidden_states(request_id, prompt.token_ids)
+            read = self._read_many([(hidden, prompt)])[0]
+            if isinstance(read, BaseException):
+                raise read
+            done = read
+        slots = self.slot_results(prompt, request.utterance, done.decisions)
         t3 = time.perf_counter()
         timings = Timings(
             prepare_ms=(t1 - t0) * 1e3,
-            engine_ms=(t2 - t1) * 1e3,
-            heads_ms=(t3 - t2) * 1e3,
+            engine_ms=(done.started - t1) * 1e3,
+            heads_ms=(done.ended - done.started) * 1e3,  # spans and hand-offs count in total only
             total_ms=(t3 - t0) * 1e3,
         )
         return Extraction(request_id, slots, len(prompt.token_ids), timings)
 
     def read_slots(self, prompt: Prompt, utterance: str, hidden: torch.Tensor) -> tuple[SlotResult, ...]:
         """Apply the heads to a prompt's hidden states and decode each present slot's span."""
-        if hidden.shape[0] != len(prompt.token_ids):
-            raise ProbeError(
-                f"engine returned {hidden.shape[0]} hidden states for {len(prompt.token_ids)} tokens"
-            )
-        out = self.bundle.heads.apply(
-            hidden,
-            torch.tensor(prompt.query_positions, dtype=torch.long),
-            slice(prompt.utterance_start, prompt.utterance_end),
+        decided = self.decide_many([(hidden, prompt)])[0]
+        if isinstance(decided, BaseException):
+            raise decided
+        return self.slot_results(prompt, utterance, decided)
+
+    def decide_many(self, items: Sequence[tuple[torch.Tensor, Prompt]]) -> list[HeadDecisions | ProbeError]:
+        """The heads' decisions for several prompts' hidden states in one batched pass.
+
+        Thread-safe (the inline engine calls it on its own thread). A prompt whose states do not
+        match its tokens gets a :class:`ProbeError` in its place; the others are still answered.
+        """
+        out: list[HeadDecisions | ProbeError] = []
+        good: list[int] = []
+        for i, (hidden, prompt) in enumerate(items):
+            if hidden.shape[0] != len(prompt.token_ids):
+                out.append(
+                    ProbeError(
+                        f"engine returned {hidden.shape[0]} hidden states for {len(prompt.token_ids)} tokens"
+                    )
+                )
+            else:
+                out.append(ProbeError("not read"))
+                good.append(i)
+        decided = self.bundle.heads.decide_batch(
+            [
+                (
+                    items[i][0],
+                    items[i][1].query_positions,
+                    slice(items[i][1].utterance_start, items[i][1].utterance_end),
+                )
+                for i in good
+            ]
         )
-        present = out.present.tolist()
-        presence = out.presence_probability.tolist()
-        starts, ends = out.start.tolist(), out.end.tolist()
-        start_p, end_p = out.start_probability.tolist(), out.end_probability.tolist()
+        for i, result in zip(good, decided, strict=True):
+            out[i] = result
+        return out
+
+    def _read_many(self, items: Sequence[tuple[torch.Tensor, Prompt]]) -> list[_Read | ProbeError]:
+        """:meth:`decide_many`, timed (the heads' time is the batch's)."""
+        started = time.perf_counter()
+        decided = self.decide_many(items)
+        ended = time.perf_counter()
+        return [d if isinstance(d, ProbeError) else _Read(d, started, ended) for d in decided]
+
+    def slot_results(self, prompt: Prompt, utterance: str, decided: HeadDecisions) -> tuple[SlotResult, ...]:
+        """Each slot's answer: absent, or the span its pointers cut from the utterance."""
+        present, presence = decided.present, decided.presence_probability
+        starts, ends = decided.start, decided.end
+        start_p, end_p = decided.start_probability, decided.end_probability
         results = []
         for i, name in enumerate(prompt.slot_names):
             if not present[i]:

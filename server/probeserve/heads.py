@@ -13,7 +13,8 @@ decision (its bias no longer balances the logits).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +38,43 @@ class HeadOutputs:
 
 
 @dataclass(frozen=True)
+class HeadDecisions:
+    """:class:`HeadOutputs`' decisions as Python values on the host, one list entry per slot."""
+
+    present: list[bool]
+    presence_probability: list[float]
+    start: list[int]
+    end: list[int]
+    start_probability: list[float]
+    end_probability: list[float]
+
+
+def decisions(out: HeadOutputs) -> HeadDecisions:
+    """Bring the decisions to the host in one copy: on a GPU each ``.tolist()`` waits for the
+    device, so six of them cost six round trips; one float64 [6, S] tensor costs one (token
+    indices and booleans are exact in float64)."""
+    packed = torch.stack(
+        (
+            out.present.to(torch.float64),
+            out.presence_probability.to(torch.float64),
+            out.start.to(torch.float64),
+            out.end.to(torch.float64),
+            out.start_probability.to(torch.float64),
+            out.end_probability.to(torch.float64),
+        )
+    ).cpu()
+    present, presence, start, end, start_p, end_p = packed.tolist()
+    return HeadDecisions(
+        present=[p != 0.0 for p in present],
+        presence_probability=presence,
+        start=[int(i) for i in start],
+        end=[int(i) for i in end],
+        start_probability=start_p,
+        end_probability=end_p,
+    )
+
+
+@dataclass(frozen=True)
 class ProbeHeads:
     """The NullHead and PointerHead weights (float32)."""
 
@@ -44,6 +82,9 @@ class ProbeHeads:
     null_bias: torch.Tensor  # [2]
     start_weight: torch.Tensor  # [d, d]
     end_weight: torch.Tensor  # [d, d]
+    # Both pointer matrices in one [2d, d] tensor (start_weight and end_weight are views of it), so
+    # the batched path projects the queries for both pointers in one matmul.
+    _pointer: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         d = self.null_weight.shape[-1]
@@ -56,6 +97,10 @@ class ProbeHeads:
         for name, (tensor, shape) in expected.items():
             if tuple(tensor.shape) != shape:
                 raise BundleError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        pointer = torch.cat((self.start_weight, self.end_weight))
+        object.__setattr__(self, "_pointer", pointer)
+        object.__setattr__(self, "start_weight", pointer[:d])
+        object.__setattr__(self, "end_weight", pointer[d:])
 
     @property
     def hidden_size(self) -> int:
@@ -81,8 +126,9 @@ class ProbeHeads:
         ``hidden`` is [T, d]; ``query_positions`` [S] indexes it; ``utterance`` selects the
         utterance tokens, the only positions a pointer may choose.
         """
-        hidden = hidden.to(self.device, torch.float32)
-        queries = hidden.index_select(0, query_positions.to(self.device))  # [S, d]
+        # Engine outputs may sit in pinned host memory: then the copy to the GPU does not block.
+        hidden = hidden.to(self.device, torch.float32, non_blocking=True)
+        queries = hidden.index_select(0, query_positions.to(self.device, non_blocking=True))  # [S, d]
         candidates = hidden[utterance]  # [N, d]
         if candidates.shape[0] == 0:
             raise ValueError("the utterance has no tokens")
@@ -111,3 +157,78 @@ class ProbeHeads:
             start_scores=start_scores,
             end_scores=end_scores,
         )
+
+    def decide_batch(self, items: Sequence[tuple[torch.Tensor, Sequence[int], slice]]) -> list[HeadDecisions]:
+        """:meth:`apply` for several prompts in one pass, brought to the host in one copy.
+
+        Each item is (hidden [T, d], query positions, utterance slice). The prompts are padded to
+        the longest query and utterance lists and masked, so a batch costs the same few kernel
+        launches as one prompt: on a GPU that launch overhead, not the arithmetic, is the cost.
+        """
+        if not items:
+            return []
+        device, d = self.device, self.hidden_size
+        # One [sum T, d] tensor of every prompt's states; row offsets into it per prompt.
+        parts = [hidden.to(device, torch.float32, non_blocking=True) for hidden, _, _ in items]
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        queries: list[list[int]] = []
+        spans: list[tuple[int, int]] = []  # (first utterance row, utterance tokens)
+        row = 0
+        for hidden, positions, utterance in items:
+            first, stop, _ = utterance.indices(hidden.shape[0])
+            if stop <= first:
+                raise ValueError("the utterance has no tokens")
+            queries.append([row + int(p) for p in positions])
+            spans.append((row + first, stop - first))
+            row += hidden.shape[0]
+        s_max = max(len(q) for q in queries)
+        n_max = max(n for _, n in spans)
+        # Every index in one host-to-device copy. Padding points at row 0: padded queries are
+        # dropped when unpacking, padded candidates masked out.
+        query_rows = [r for q in queries for r in q + [0] * (s_max - len(q))]
+        candidate_rows = [start + j if j < n else 0 for start, n in spans for j in range(n_max)]
+        lengths = [n for _, n in spans]
+        index = torch.tensor(query_rows + candidate_rows + lengths, dtype=torch.long).to(
+            device, non_blocking=True
+        )
+        q_index, c_index = index[: len(query_rows)], index[len(query_rows) : -len(lengths)]
+        valid = torch.arange(n_max, device=device) < index[-len(lengths) :, None]  # [B, N]
+        b = len(items)
+        q = flat[q_index].reshape(b, s_max, d)  # [B, S, d]
+        c = flat[c_index].reshape(b, n_max, d)  # [B, N, d]
+
+        null_logits = q @ self.null_weight.T + self.null_bias  # [B, S, 2]
+        projected = (q @ self._pointer.T).reshape(b, s_max * 2, d)  # [B, 2S, d]: start, end per slot
+        scores = (projected @ c.transpose(1, 2)).reshape(b, s_max, 2, n_max) / math.sqrt(d)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        pointers = scores.argmax(dim=-1)  # [B, S, 2]
+        start = pointers[..., 0]
+        end = torch.maximum(pointers[..., 1], start)
+        chosen = torch.stack((start, end), dim=-1)  # [B, S, 2]
+        probabilities = torch.softmax(scores, dim=-1).gather(-1, chosen[..., None])[..., 0]  # [B, S, 2]
+        packed = torch.stack(
+            (
+                (null_logits.argmax(dim=-1) == 0).to(torch.float64),
+                torch.softmax(null_logits, dim=-1)[..., 0].to(torch.float64),
+                start.to(torch.float64),
+                end.to(torch.float64),
+                probabilities[..., 0].to(torch.float64),
+                probabilities[..., 1].to(torch.float64),
+            ),
+            dim=1,
+        ).cpu()  # [B, 6, S]: the one wait for the device
+        out = []
+        for i, rows in enumerate(packed.tolist()):
+            s = len(queries[i])
+            present, presence, starts, ends, start_p, end_p = (r[:s] for r in rows)
+            out.append(
+                HeadDecisions(
+                    present=[p != 0.0 for p in present],
+                    presence_probability=presence,
+                    start=[int(x) for x in starts],
+                    end=[int(x) for x in ends],
+                    start_probability=start_p,
+                    end_probability=end_p,
+                )
+            )
+        return out
