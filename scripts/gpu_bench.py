@@ -1,27 +1,27 @@
-"""The server on a GPU: end-to-end gRPC latency next to the in-process engine floor, in one run.
+"""The server on a GPU: end-to-end gRPC latency next to the in-process floor of the same engine.
 
 For each configuration (FP16 or AWQ weights; the bundle's LoRA adapter applied per request, or
-no LoRA in the engine, which is what a merged adapter costs), on a Llama-3.1-8B-shaped model with
-random weights (``load_format="dummy"``; scripts/gpu/make_bundle.py makes it and its bundle):
+no LoRA in the engine, which is what a merged adapter costs) on a Llama-3.1-8B-shaped model with
+random weights (``load_format="dummy"``; scripts/gpu/make_bundle.py makes it and its bundle), one
+child process runs the real server (``probeserve.server.serve``: inline engine, compiled, heads
+on the GPU, ``--skip-pairing-check`` because random weights have nothing to pair) and, once it
+is SERVING, times that one engine three ways, in turns:
 
-1. **floor**, in a child process: :class:`probeserve.inline_engine.InlineEngine` started
-   in-process, then requests through the server's own pipeline without gRPC
-   (``Extractor.extract``: prompt, engine, heads; the heads on the GPU as the server puts them,
-   ``probeserve.server._heads_beside_engine``), and the engine's ``hidden_states`` alone;
-2. **gRPC**: the real server (``probeserve serve --engine inline --compile --load-format dummy
-   --skip-pairing-check``) in its own process, called through the real client
-   (``probeserve_client.ProbeClient``).
+- **engine**: the engine's ``hidden_states`` alone, awaited on the server's own event loop;
+- **floor**: the server's pipeline without gRPC (``Extractor.extract``: prompt, engine, heads);
+- **gRPC**: the real client (``probeserve_client``) in another process, over loopback: the sync
+  ``ProbeClient`` (threads at concurrency > 1) and the ``AsyncProbeClient`` (coroutines).
 
-"No LoRA" is ``lora_mode="merged"`` (``--lora-mode merged``): with ``--load-format dummy`` no merge
-happens and the engine runs without LoRA, at any precision.
-
-Both at concurrency 1 and 8 (closed loop: each of C workers sends its next request when the last
-is answered), p50 and p90 per request; startup times; GPU memory. Writes ``gpu_bench.json``,
-``gpu_bench.md`` and ``gpu_bench_logs.txt`` to ``--out``.
+One engine instance for all three removes the 1 to 3 ms that separate two instances of the same
+configuration at batch 1; rounds interleave the three so that drift hits each alike. Each
+*variant* (``--variants``: the inline engine's ``batch_wait_ms`` and Python's GIL switch
+interval) is set on the running server between measurements. Closed loop: each of C workers
+sends its next request when its last is answered. Writes ``gpu_bench.json``, ``gpu_bench.md``
+and ``gpu_bench_logs.txt`` to ``--out``.
 
     python scripts/gpu_bench.py --out DIR                         # all four configurations
-    python scripts/gpu_bench.py --out DIR --configs fp16-lora,fp16-base
-    python scripts/gpu_bench.py --out DIR --small --eager --configs fp32-lora,fp32-base -n 30
+    python scripts/gpu_bench.py --out DIR --configs fp16-base --variants 0:5,2:5
+    python scripts/gpu_bench.py --out DIR --small --eager --configs fp32-base -n 20
                                                                   # a CPU dry run, small model
     python scripts/gpu_bench.py --report A.json B.json > table.md  # one table from several runs
 """
@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -57,11 +57,6 @@ class Config:
     precision: str
     model: str  # folder under --root
     lora: bool  # the adapter per request; False: no LoRA in the engine (what a merged adapter costs)
-    engine: str = "inline"  # the server's --engine
-    phases: tuple[str, ...] = ("floor", "grpc")
-    vllm_graph_sizes: bool = (
-        False  # vLLM's default CUDA graph sizes (probeserve.engine.CUDA_GRAPH_SIZES = ())
-    )
 
 
 CONFIGS: dict[str, Config] = {
@@ -69,11 +64,6 @@ CONFIGS: dict[str, Config] = {
     "fp16-base": Config("fp16", "llama8b", False),
     "awq-lora": Config("awq", "llama8b-awq", True),
     "awq-base": Config("awq", "llama8b-awq", False),
-    # the same server with vLLM's engine-core process (AsyncLLM) instead of the inline engine
-    "fp16-lora-process": Config("fp16", "llama8b", True, engine="process", phases=("grpc",)),
-    "fp16-base-process": Config("fp16", "llama8b", False, engine="process", phases=("grpc",)),
-    # the inline engine with vLLM's default graph sizes (up to 2 x max_num_seqs tokens)
-    "fp16-base-vllmgraphs": Config("fp16", "llama8b", False, phases=("floor",), vllm_graph_sizes=True),
     # CPU dry runs (--small)
     "fp32-lora": Config("fp32", "llama8b", True),
     "fp32-base": Config("fp32", "llama8b", False),
@@ -85,6 +75,24 @@ TARGET_C1 = 1.10  # gRPC p50 over the floor's, concurrency 1 (issue #8)
 TARGET_C8 = 1.15
 # The reference recipe's Llama-3.1-8B numbers (ms; GB of weights), for the table.
 RECIPE = {"fp16": (21.0, 35.0, 14.3), "awq": (56.0, 42.0, 4.7)}
+SERVER_STAGES = ("engine_ms", "heads_ms", "queue_ms", "prepare_ms", "total_ms")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Server settings changed between measurements on the running server."""
+
+    batch_wait_ms: float
+    switch_interval_ms: float  # sys.setswitchinterval, in ms (Python's default: 5)
+    # Hold /dev/cpu_dma_latency at 0 (Linux PM QoS): no deep CPU idle states, so a thread that
+    # waited ~10 ms for the GPU wakes at once. A host setting, not the server's; needs root.
+    no_cpu_idle: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.batch_wait_ms:g}-si{self.switch_interval_ms:g}" + (
+            "-noidle" if self.no_cpu_idle else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,46 @@ class Settings:
     root: Path
     n: int
     warmup: int
+    rounds: int
     concurrency: tuple[int, ...]
+    variants: tuple[Variant, ...]
     gpu_memory_utilization: float
     compile: bool
     max_num_seqs: int
+
+
+def parse_variants(text: str) -> tuple[Variant, ...]:
+    """``"0:5,2:5:noidle"`` -> (batch wait 0 ms, switch interval 5 ms), (2 ms, 5 ms, no CPU idle)."""
+    out = []
+    for item in text.split(","):
+        wait, interval, *rest = item.split(":")
+        out.append(Variant(float(wait), float(interval), rest == ["noidle"]))
+    return tuple(out)
+
+
+class CpuIdle:
+    """Keeps CPUs out of deep idle states while ``/dev/cpu_dma_latency`` is held open at 0."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self.error = ""
+
+    def hold(self, on: bool) -> bool:
+        if on and self._fd is None:
+            try:
+                self._fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+                os.write(self._fd, (0).to_bytes(4, "little"))
+            except OSError as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.release()
+        elif not on:
+            self.release()
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,29 +178,30 @@ def wait_gpu_idle(limit_mib: int = 2000, timeout_s: float = 60) -> None:
         time.sleep(1)
 
 
-def engine_config(settings: Settings, name: str) -> Any:
-    from probeserve.bundle import load_bundle
-    from probeserve.engine import EngineConfig
+def serve_config(settings: Settings, name: str) -> Any:
+    """What ``probeserve serve --engine inline --load-format dummy --skip-pairing-check
+    [--compile] --lora-mode adapter|merged`` builds."""
+    from probeserve.server import ServeConfig
 
     config = CONFIGS[name]
-    bundle = load_bundle(settings.root / "bundle")
-    return EngineConfig(
+    return ServeConfig(
+        bundle=settings.root / "bundle",
         model=settings.root / config.model,
-        adapter=bundle.adapter_path,
-        lora_rank=bundle.lora_rank,
         precision=config.precision,
         # merged with dummy weights: no merge, no LoRA in the engine (the cost of a merged adapter)
         lora_mode="adapter" if config.lora else "merged",
         inline=True,
+        batch_wait_ms=settings.variants[0].batch_wait_ms,
         load_format="dummy",
         max_model_len=512,
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=not settings.compile,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        host="127.0.0.1",
+        port=0,
+        skip_pairing_check=True,
+        grace_s=2.0,
     )
-
-
-# -- the floor: in-process, no gRPC (runs in a child process) ----------------------------------
 
 
 async def closed_loop(
@@ -178,16 +223,17 @@ async def closed_loop(
 
 
 def heads_timings(extractor: Any, prompts: list[Any], hidden: list[Any], reps: int = 30) -> dict[str, Any]:
-    """The heads alone, on the engine's hidden states: ``read_slots`` as the server runs it (heads
-    on the GPU when there is one), and the head math on the CPU (one torch thread) and on the GPU,
-    each including the copy of the hidden states and the read-back of the results."""
+    """The heads alone on the engine's hidden states, on the event loop's thread:
+    ``Extractor.decide_many`` as the engine thread runs it (heads on the GPU when there is one,
+    one read-back) for one request and for a step of 8, and one request on the CPU (one torch
+    thread); each includes the copy of the hidden states."""
     import torch
 
-    out: dict[str, Any] = {}
-    utterances = [u for _, u in UTTERANCES]
-    heads = extractor.bundle.heads
+    from probeserve.heads import decisions
 
-    def timed(label: str, call: Callable[[int], object], warmup: int = 0) -> None:
+    out: dict[str, Any] = {}
+
+    def timed(label: str, call: Callable[[int], object], warmup: int = 5) -> None:
         times = []
         for r in range(warmup + reps):
             i = r % len(prompts)
@@ -199,172 +245,59 @@ def heads_timings(extractor: Any, prompts: list[Any], hidden: list[Any], reps: i
                 times.append((time.perf_counter() - t0) * 1e3)
         out[label] = summary(times)
 
-    timed(
-        f"read_slots_{heads.device.type}",
-        lambda i: extractor.read_slots(prompts[i], utterances[i], hidden[i]),
-        5,
-    )
-    devices = {"cpu": f"cpu_{torch.get_num_threads()}_threads"}
-    if torch.cuda.is_available():
-        devices["cuda"] = "gpu_incl_copy"
-    for device, label in devices.items():
-        on = heads.to(device)
+    heads = extractor.bundle.heads
+    items = [(h, p) for h, p in zip(hidden, prompts, strict=True)]
+    eight = [items[i % len(items)] for i in range(8)]
+    timed(f"decide_1_{heads.device.type}", lambda i: extractor.decide_many([items[i]]))
+    timed(f"decide_8_{heads.device.type}", lambda i: extractor.decide_many(eight))
+    if heads.device.type != "cpu":
+        on_cpu = heads.to("cpu")
 
-        def apply(i: int, on: Any = on) -> object:
+        def cpu(i: int) -> object:
             p = prompts[i]
-            res = on.apply(
-                hidden[i], torch.tensor(p.query_positions), slice(p.utterance_start, p.utterance_end)
-            )
-            return (
-                res.start.tolist(),
-                res.end.tolist(),
-                res.present.tolist(),
-            )  # the host waits, as a server does
+            queries = torch.tensor(p.query_positions)
+            return decisions(on_cpu.apply(hidden[i], queries, slice(p.utterance_start, p.utterance_end)))
 
-        timed(label, apply, 5)
+        timed(f"cpu_1_{torch.get_num_threads()}_threads", cpu)
     return out
 
 
-async def floor_child(settings: Settings, name: str) -> dict[str, Any]:
-    import torch
-
-    from probeserve import engine as engine_module
-    from probeserve.bundle import load_bundle
-    from probeserve.extraction import ExtractionRequest, Extractor
-    from probeserve.inline_engine import InlineEngine
-    from probeserve.server import _heads_beside_engine
-    from probeserve.tokenization import HfPieceTokenizer
-
-    if CONFIGS[name].vllm_graph_sizes:
-        engine_module.CUDA_GRAPH_SIZES = ()  # engine_kwargs then leaves the sizes to vLLM
-
-    torch.set_num_threads(1)  # as probeserve.server.serve does
-    config = engine_config(settings, name)
-    bundle = _heads_beside_engine(load_bundle(settings.root / "bundle"))  # as the server does
-    tokenizer = HfPieceTokenizer.from_pretrained(config.model)
-    t0 = time.perf_counter()
-    engine = await asyncio.to_thread(InlineEngine.start, config)
-    result: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1)}
-    extractor = Extractor(bundle, tokenizer, engine)
-    requests = [ExtractionRequest(f, u) for f, u in UTTERANCES]
-    prompts = [extractor.prepare(r) for r in requests]
-    result["prompt_tokens"] = [len(p.token_ids) for p in prompts]
-
-    async def engine_only(i: int) -> object:
-        return await engine.hidden_states(f"e{i}", prompts[i % len(prompts)].token_ids)
-
-    async def pipeline(i: int) -> object:
-        r = requests[i % len(requests)]
-        return await extractor.extract(ExtractionRequest(r.function, r.utterance, f"p{i}"))
-
-    hidden = [await engine.hidden_states(f"h{i}", p.token_ids) for i, p in enumerate(prompts)]
-    result["hidden"] = {
-        "shape": list(hidden[0].shape), "dtype": str(hidden[0].dtype), "device": str(hidden[0].device),
-        "finite": all(bool(torch.isfinite(h).all()) for h in hidden),
-    }  # fmt: skip
-    for c in settings.concurrency:
-        await closed_loop(pipeline, settings.warmup, c)
-        result[f"engine_c{c}"] = summary(await closed_loop(engine_only, settings.n, c))
-        result[f"pipeline_c{c}"] = summary(await closed_loop(pipeline, settings.n, c))
-    result["heads"] = heads_timings(extractor, prompts, hidden)
-    result["unfinished_after"] = engine.unfinished_requests()
-    if torch.cuda.is_available():
-        result["torch_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        free, total = torch.cuda.mem_get_info()
-        result["device_used_gib"] = round((total - free) / 2**30, 2)
-        result["nvidia_smi_used_mib"] = nvidia_smi()
-    t0 = time.perf_counter()
-    engine.shutdown()
-    result["shutdown_s"] = round(time.perf_counter() - t0, 1)
-    return result
+# -- the child: one server, timed in-process and through gRPC ------------------------------------
 
 
-# -- the real server through the real client -------------------------------------------------
+async def grpc_clients(port: int, kind: str, tag: str, n: int, concurrency: int) -> list[float]:
+    """Latencies (ms) from a client process (``--child-client``)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--child-client", kind, f"127.0.0.1:{port}", tag, str(n), str(concurrency),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=300)
+    for raw in stdout.decode().splitlines():
+        if raw.startswith("RESULT "):
+            latencies: list[float] = json.loads(raw[7:])
+            return latencies
+    raise RuntimeError(f"client {kind} c{concurrency} exited {proc.returncode} without a result")
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    target: str = ""
-    startup_s: float = 0.0
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for raw in self.log_path.read_text(errors="replace").splitlines():
-            if raw.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    lines.append(json.loads(raw))
-        return lines
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        with contextlib.suppress(Exception):  # compile workers the server left behind
-            import psutil  # type: ignore[import-untyped]
-
-            for child in psutil.Process().children(recursive=True):
-                child.kill()
-        return int(self.process.returncode)
-
-
-def serve_command(settings: Settings, name: str) -> list[str]:
-    config = CONFIGS[name]
-    # no LoRA: --lora-mode merged, which with dummy weights skips the merge and runs without LoRA
-    cmd = [
-        sys.executable, "-m", "probeserve", "serve",
-        "--bundle", str(settings.root / "bundle"), "--model", str(settings.root / config.model),
-        "--precision", config.precision, "--lora-mode", "adapter" if config.lora else "merged",
-        "--engine", config.engine, "--load-format", "dummy", "--skip-pairing-check",
-        "--max-model-len", "512", "--max-num-seqs", str(settings.max_num_seqs),
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
-        "--host", "127.0.0.1", "--port", "0", "--log-format", "json", "--grace", "2",
-    ]  # fmt: skip
-    if settings.compile:
-        cmd.append("--compile")
-    return cmd
-
-
-def start_server(cmd: list[str], log_path: Path, timeout_s: float) -> Server:
-    from probeserve_client import ProbeClient, ProbeServeError
-
-    started = time.monotonic()
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
-    server = Server(process, log_path)
-    deadline = started + timeout_s
-    while not server.target and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-        for line in server.log_lines():
-            if line.get("event") == "listening":
-                server.target = "127.0.0.1:" + str(line["address"]).rsplit(":", 1)[1]
-    if not server.target:
-        server.stop()
-        raise RuntimeError("server did not start listening")
-    with ProbeClient(server.target, timeout=5, retries=0) as client:
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                status = client.health()
-            except ProbeServeError:
-                status = ""
-            if status == "SERVING":
-                server.startup_s = round(time.monotonic() - started, 1)
-                return server
-            time.sleep(0.2)
-    server.stop()
-    raise RuntimeError("server not SERVING")
-
-
-def client_loop(target: str, tag: str, n: int, concurrency: int) -> list[float]:
-    """Per-request latencies (ms) through one shared client, ``concurrency`` threads closed-loop."""
-    from probeserve_client import ProbeClient
+def client_child(kind: str, target: str, tag: str, n: int, concurrency: int) -> list[float]:
+    """``n`` Extract calls, closed loop: ``sync``: one ProbeClient shared by ``concurrency``
+    threads; ``async``: one AsyncProbeClient, ``concurrency`` coroutines."""
+    from probeserve_client import AsyncProbeClient, ProbeClient
 
     latencies: list[float] = []
+    if kind == "async":
+
+        async def run() -> None:
+            async with AsyncProbeClient(target, timeout=60, retries=0) as client:
+
+                async def call(i: int) -> object:
+                    function, utterance = UTTERANCES[i % len(UTTERANCES)]
+                    return await client.extract(function, utterance, request_id=f"{tag}-{i}")
+
+                latencies.extend(await closed_loop(call, n, concurrency))
+
+        asyncio.run(run())
+        return latencies
     lock = threading.Lock()
     counter = iter(range(n))
     with ProbeClient(target, timeout=60, retries=0) as client:
@@ -390,30 +323,91 @@ def client_loop(target: str, tag: str, n: int, concurrency: int) -> list[float]:
     return latencies
 
 
-def grpc_run(settings: Settings, name: str, log_path: Path) -> dict[str, Any]:
-    cmd = serve_command(settings, name)
-    server = start_server(cmd, log_path, timeout_s=420)
-    result: dict[str, Any] = {"command": " ".join(cmd[1:]), "startup_s": server.startup_s}
-    try:
-        for line in server.log_lines():
-            if line.get("event") == "serving":
-                result["server_startup_s"] = line.get("startup_s")
-        for c in settings.concurrency:
-            client_loop(server.target, f"warm{c}", settings.warmup, c)
-            result[f"grpc_c{c}"] = summary(client_loop(server.target, f"c{c}", settings.n, c))
+def clients_for(concurrency: int) -> tuple[str, ...]:
+    return ("sync",) if concurrency == 1 else ("sync", "async")
+
+
+async def server_child(settings: Settings, name: str) -> dict[str, Any]:
+    import torch
+
+    from probeserve.extraction import ExtractionRequest
+    from probeserve.logs import configure_logging
+    from probeserve.server import serve
+    from probeserve.servicer import ServingState
+
+    configure_logging("info", json=True)  # the parent reads the per-request lines
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[tuple[ServingState, int]] = loop.create_future()
+    stop = asyncio.Event()
+    t0 = time.perf_counter()
+    server = asyncio.create_task(
+        serve(
+            serve_config(settings, name), stop=stop, on_serving=lambda st, port: ready.set_result((st, port))
+        )
+    )
+    waited: list[asyncio.Future[Any]] = [ready, server]
+    await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        server.result()  # raises what stopped it
+        raise RuntimeError("server stopped before SERVING")
+    state, port = ready.result()
+    result: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1)}
+    extractor = state.extractor
+    assert extractor is not None
+    engine: Any = extractor.engine
+    requests = [ExtractionRequest(f, u) for f, u in UTTERANCES]
+    prompts = [extractor.prepare(r) for r in requests]
+    result["prompt_tokens"] = [len(p.token_ids) for p in prompts]
+
+    async def engine_only(i: int) -> object:
+        return await engine.hidden_states(f"e{i}", prompts[i % len(prompts)].token_ids)
+
+    async def pipeline(i: int) -> object:
+        r = requests[i % len(requests)]
+        return await extractor.extract(ExtractionRequest(r.function, r.utterance, f"p{i}"))
+
+    hidden = [await engine.hidden_states(f"h{i}", p.token_ids) for i, p in enumerate(prompts)]
+    result["hidden"] = {
+        "shape": list(hidden[0].shape), "dtype": str(hidden[0].dtype), "device": str(hidden[0].device),
+        "pinned": bool(hidden[0].is_pinned()) if torch.cuda.is_available() else False,
+        "finite": all(bool(torch.isfinite(h).all()) for h in hidden),
+    }  # fmt: skip
+    samples: dict[str, list[float]] = {}
+    cpu_idle = CpuIdle()
+    per_round = max(1, settings.n // settings.rounds)
+    for r in range(settings.rounds):
+        for variant in settings.variants:
+            engine.config = dataclasses.replace(engine.config, batch_wait_ms=variant.batch_wait_ms)
+            sys.setswitchinterval(variant.switch_interval_ms / 1e3)
+            if cpu_idle.hold(variant.no_cpu_idle) != variant.no_cpu_idle:
+                result["cpu_dma_latency_error"] = cpu_idle.error
+                continue
+            for c in settings.concurrency:
+                key = f"{variant.tag}/c{c}"
+                if r == 0:  # warm-up: every path, at this concurrency
+                    await closed_loop(pipeline, settings.warmup, c)
+                    for kind in clients_for(c):
+                        await grpc_clients(port, kind, f"warm-{kind}", settings.warmup, c)
+                samples.setdefault(f"{key}/engine", []).extend(await closed_loop(engine_only, per_round, c))
+                samples.setdefault(f"{key}/floor", []).extend(await closed_loop(pipeline, per_round, c))
+                for kind in clients_for(c):
+                    tag = f"{variant.tag}-c{c}-{kind}-r{r}"
+                    latencies = await grpc_clients(port, kind, tag, per_round, c)
+                    samples.setdefault(f"{key}/grpc_{kind}", []).extend(latencies)
+    sys.setswitchinterval(0.005)
+    cpu_idle.release()
+    result["measured"] = {key: summary(values) for key, values in samples.items()}
+    result["heads"] = heads_timings(extractor, prompts, hidden)
+    result["unfinished_after"] = engine.unfinished_requests()
+    if torch.cuda.is_available():
+        result["torch_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        free, total = torch.cuda.mem_get_info()
+        result["device_used_gib"] = round((total - free) / 2**30, 2)
         result["nvidia_smi_used_mib"] = nvidia_smi()
-        time.sleep(0.5)  # the last log lines
-        lines = [x for x in server.log_lines() if x.get("event") == "extract"]
-        for c in settings.concurrency:
-            mine = [x for x in lines if str(x.get("request_id", "")).startswith(f"c{c}-")]
-            for stage in ("engine_ms", "heads_ms", "queue_ms", "prepare_ms", "total_ms"):
-                values = [float(x[stage]) for x in mine if stage in x]
-                if values:
-                    result.setdefault(f"server_c{c}", {})[stage.removesuffix("_ms") + "_p50_ms"] = round(
-                        statistics.median(values), 2
-                    )
-    finally:
-        result["exit_code"] = server.stop()
+    t0 = time.perf_counter()
+    stop.set()
+    await server
+    result["shutdown_s"] = round(time.perf_counter() - t0, 1)
     return result
 
 
@@ -431,38 +425,84 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_floor(settings: Settings, name: str, log_path: Path, timeout_s: float) -> dict[str, Any]:
-    cmd = [
-        sys.executable, __file__, "--child-floor", name, "--root", str(settings.root),
-        "-n", str(settings.n), "--warmup", str(settings.warmup),
-        "--concurrency", ",".join(map(str, settings.concurrency)),
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+def settings_args(settings: Settings) -> list[str]:
+    variants = ",".join(
+        f"{v.batch_wait_ms:g}:{v.switch_interval_ms:g}" + (":noidle" if v.no_cpu_idle else "")
+        for v in settings.variants
+    )
+    return [
+        "--root", str(settings.root), "-n", str(settings.n), "--warmup", str(settings.warmup),
+        "--rounds", str(settings.rounds), "--concurrency", ",".join(map(str, settings.concurrency)),
+        "--variants", variants, "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
         "--max-num-seqs", str(settings.max_num_seqs), *([] if settings.compile else ["--eager"]),
     ]  # fmt: skip
+
+
+def log_lines(log_path: Path) -> list[dict[str, Any]]:
+    lines = []
+    for raw in log_path.read_text(errors="replace").splitlines():
+        if raw.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                lines.append(json.loads(raw))
+    return lines
+
+
+def server_breakdown(log_path: Path) -> dict[str, dict[str, float]]:
+    """p50 of each stage the server logged, per gRPC measurement (variant, concurrency, client)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for line in log_lines(log_path):
+        rid = str(line.get("request_id", ""))
+        if line.get("event") == "extract" and "-r" in rid and not rid.startswith("warm"):
+            groups.setdefault(rid.rsplit("-r", 1)[0], []).append(line)
+    out: dict[str, dict[str, float]] = {}
+    for group, lines in groups.items():
+        for stage in SERVER_STAGES:
+            values = [float(x[stage]) for x in lines if stage in x]
+            if values:
+                out.setdefault(group, {})[stage.removesuffix("_ms") + "_p50_ms"] = round(
+                    statistics.median(values), 2
+                )
+    return out
+
+
+def run_child(settings: Settings, name: str, log_path: Path, timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child-server", name, *settings_args(settings)]
     with log_path.open("wb") as log_file:
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s)
     for raw in log_path.read_text(errors="replace").splitlines():
         if raw.startswith("RESULT "):
             result: dict[str, Any] = json.loads(raw[7:])
+            result["server"] = server_breakdown(log_path)
             return result
-    raise RuntimeError(f"floor child exited {proc.returncode} without a result")
+    raise RuntimeError(f"child exited {proc.returncode} without a result")
 
 
-def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "p50_ms") -> float | None:
+def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "p50_ms") -> float | None:
     try:
-        return round(float(a[key]) / float(b[key]), 3)
+        return round(float(a[key]) / float(b[key]), 3)  # type: ignore[index]
     except (KeyError, TypeError, ZeroDivisionError):
         return None
 
 
-def judge(entry: dict[str, Any], concurrency: tuple[int, ...]) -> None:
-    floor, grpc = entry.get("floor", {}), entry.get("grpc", {})
-    for c, target in ((1, TARGET_C1), (8, TARGET_C8)):
-        if c not in concurrency:
-            continue
-        r = ratio(grpc.get(f"grpc_c{c}", {}), floor.get(f"pipeline_c{c}", {}))
-        entry[f"grpc_over_floor_c{c}"] = r
-        entry[f"met_c{c}"] = None if r is None else r <= target
+def judge(entry: dict[str, Any]) -> None:
+    """gRPC over floor and over engine alone, per variant and concurrency; the headline client is
+    the sync ProbeClient at concurrency 1 and the AsyncProbeClient above."""
+    measured = entry.get("result", {}).get("measured", {})
+    verdicts: dict[str, Any] = {}
+    for key in {k.rsplit("/", 1)[0] for k in measured}:
+        c = int(key.rsplit("/c", 1)[1])
+        client = "grpc_sync" if c == 1 else "grpc_async"
+        grpc = measured.get(f"{key}/{client}")
+        target = TARGET_C1 if c == 1 else TARGET_C8
+        over_floor = ratio(grpc, measured.get(f"{key}/floor"))
+        verdicts[key] = {
+            "client": client,
+            "grpc_over_floor": over_floor,
+            "grpc_over_engine": ratio(grpc, measured.get(f"{key}/engine")),
+            "target": target,
+            "met": None if over_floor is None else over_floor <= target,
+        }
+    entry["verdicts"] = verdicts
 
 
 def fmt(d: dict[str, Any] | None) -> str:
@@ -473,85 +513,94 @@ def fmt(d: dict[str, Any] | None) -> str:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     rows = [
-        "| config | engine | weights | LoRA | engine alone c1 | floor c1 (engine+heads) | gRPC c1 "
-        "| gRPC/floor c1 | engine alone c8 | floor c8 | gRPC c8 | gRPC/floor c8 "
-        "| startup s (floor / server) | GPU MiB (server) | recipe b1 / b8 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| config | LoRA | variant | C | engine alone | floor (engine+heads) | gRPC sync client "
+        "| gRPC async client | gRPC / floor | gRPC / engine | in server: engine / heads / total |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    notes = []
     for e in results:
         config = CONFIGS[e["config"]]
-        floor, grpc = e.get("floor", {}), e.get("grpc", {})
+        res = e.get("result", {})
+        measured, server = res.get("measured", {}), res.get("server", {})
+        for key in sorted(e.get("verdicts", {}), key=lambda k: (int(k.rsplit("/c", 1)[1]), k)):
+            v = e["verdicts"][key]
+            variant, c = key.rsplit("/c", 1)
+            logged = server.get(f"{variant}-c{c}-{'sync' if c == '1' else 'async'}", {})
+            inside = " / ".join(str(logged.get(f"{s}_p50_ms", "—")) for s in ("engine", "heads", "total"))
+            mark = "✓" if v["met"] else "✗"
+            cells = [
+                e["config"], "r16 per request" if config.lora else "none (= merged)", variant, c,
+                fmt(measured.get(f"{key}/engine")), fmt(measured.get(f"{key}/floor")),
+                fmt(measured.get(f"{key}/grpc_sync")), fmt(measured.get(f"{key}/grpc_async")),
+                f"{v['grpc_over_floor']:.2f} {mark} (≤ {v['target']:.2f})" if v["grpc_over_floor"] else "—",
+                f"{v['grpc_over_engine']:.2f}" if v["grpc_over_engine"] else "—", inside,
+            ]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
         recipe = RECIPE.get(config.precision)
-        cells = [
-            e["config"], config.engine, config.precision.upper(),
-            "r16 per request" if config.lora else "none (= merged)",
-            fmt(floor.get("engine_c1")), fmt(floor.get("pipeline_c1")), fmt(grpc.get("grpc_c1")),
-            _ratio_cell(e, 1), fmt(floor.get("engine_c8")), fmt(floor.get("pipeline_c8")),
-            fmt(grpc.get("grpc_c8")), _ratio_cell(e, 8),
-            f"{floor.get('startup_s', '—')} / {grpc.get('startup_s', '—')}",
-            str(grpc.get("nvidia_smi_used_mib", "—")),
-            f"{recipe[0]:.0f} / {recipe[1]:.0f}" if recipe else "—",
-        ]  # fmt: skip
-        rows.append("| " + " | ".join(cells) + " |")
+        notes.append(
+            f"- {e['config']}: startup {res.get('startup_s', '—')} s, "
+            f"GPU {res.get('nvidia_smi_used_mib', '—')} MiB, "
+            f"heads {json.dumps(res.get('heads', {}))}"
+            + (f", recipe b1 / b8 {recipe[0]:.0f} / {recipe[1]:.0f} ms" if recipe else "")
+            + (f", error: {e['error']}" if "error" in e else "")
+        )
     rows.append("")
-    rows.append("Latencies in ms, p50 / p90 per request, closed loop at concurrency 1 and 8. Errors:")
-    for e in results:
-        for key in ("floor_error", "grpc_error"):
-            if key in e:
-                rows.append(f"- {e['config']} {key}: {e[key]}")
-    return "\n".join(rows) + "\n"
-
-
-def _ratio_cell(entry: dict[str, Any], c: int) -> str:
-    r = entry.get(f"grpc_over_floor_c{c}")
-    if r is None:
-        return "—"
-    return f"{r:.2f} {'✓' if entry.get(f'met_c{c}') else '✗'}"
+    rows.append(
+        "ms, p50 / p90 per request, closed loop; variant wN-siM: batch wait N ms, GIL switch interval M ms."
+    )
+    return "\n".join(rows + notes) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_bench_out")))
     parser.add_argument("--root", type=Path, default=Path("/tmp/gpu_bench"), help="models and bundle go here")
-    parser.add_argument("--configs", default="fp16-lora,fp16-base,awq-lora,awq-base")
-    parser.add_argument("-n", type=int, default=200, help="requests per measurement")
+    parser.add_argument("--configs", default="fp16-base,awq-base,fp16-lora,awq-lora")
+    parser.add_argument("-n", type=int, default=200, help="requests per measurement (all rounds together)")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per measurement")
     parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument(
+        "--variants",
+        default="2:5",
+        help="batch-wait-ms:switch-interval-ms, comma-separated; the first is the default",
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--eager", action="store_true", help="no compilation / CUDA graphs")
     parser.add_argument("--small", action="store_true", help="a CPU-sized model of the same architecture")
-    parser.add_argument("--phases", default="floor,grpc")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this")
-    parser.add_argument("--child-floor", help=argparse.SUPPRESS)
+    parser.add_argument("--child-server", help=argparse.SUPPRESS)
+    parser.add_argument("--child-client", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--report", nargs="+", type=Path, help="print one table from these JSON files")
     args = parser.parse_args()
+    if args.child_client:
+        kind, target, tag, n, c = args.child_client
+        print("RESULT " + json.dumps(client_child(kind, target, tag, int(n), int(c))), flush=True)
+        return 0
     settings = Settings(
         root=args.root,
         n=args.n,
         warmup=args.warmup,
+        rounds=args.rounds,
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        variants=parse_variants(args.variants),
         gpu_memory_utilization=args.gpu_memory_utilization,
         compile=not args.eager,
         max_num_seqs=args.max_num_seqs,
     )
-    if args.report:  # later files fill in (or replace) the phases of a configuration
+    if args.report:  # later files replace earlier entries of the same configuration
         merged: dict[str, dict[str, Any]] = {}
         for path in args.report:
             for e in json.loads(path.read_text())["results"]:
-                into = merged.setdefault(e["config"], {"config": e["config"]})
-                for phase in ("floor", "grpc"):
-                    if phase in e:
-                        into[phase] = e[phase]
-                        into.pop(f"{phase}_error", None)
-                    elif f"{phase}_error" in e and phase not in into:
-                        into[f"{phase}_error"] = e[f"{phase}_error"]
-        for into in merged.values():
-            judge(into, settings.concurrency)
+                if "result" in e or e["config"] not in merged:
+                    merged[e["config"]] = e
+        for e in merged.values():
+            judge(e)
         print(markdown(list(merged.values())))
         return 0
-    if args.child_floor:
-        print("RESULT " + json.dumps(asyncio.run(floor_child(settings, args.child_floor))), flush=True)
+    if args.child_server:
+        print("RESULT " + json.dumps(asyncio.run(server_child(settings, args.child_server))), flush=True)
         sys.stdout.flush()
         os._exit(0)  # skip interpreter teardown with an engine's threads around
 
@@ -568,39 +617,31 @@ def main() -> int:
     }
     report["results"] = results = []
     logs = args.out / "gpu_bench_logs.txt"
-    phases = args.phases.split(",")
     for name in args.configs.split(","):
         if time.monotonic() - began > args.budget_s:
             print(f"budget spent: {name} not run", flush=True)
-            results.append({"config": name, "floor_error": "not run (budget)"})
+            results.append({"config": name, "error": "not run (budget)"})
             continue
-        entry: dict[str, Any] = {"config": name, "engine": CONFIGS[name].engine}
+        entry: dict[str, Any] = {"config": name}
         results.append(entry)
-        for phase in (p for p in phases if p in CONFIGS[name].phases):
-            log_path = Path(f"/tmp/gpu_bench_{name}_{phase}.log")
-            t0 = time.monotonic()
-            print(f"=== {name} {phase} {time.strftime('%H:%M:%S')}", flush=True)
-            try:
-                if phase == "floor":
-                    entry["floor"] = run_floor(settings, name, log_path, timeout_s=420)
-                else:
-                    entry["grpc"] = grpc_run(settings, name, log_path)
-            except Exception as exc:
-                entry[f"{phase}_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            entry[f"{phase}_wall_s"] = round(time.monotonic() - t0, 1)
-            with logs.open("a") as out, contextlib.suppress(OSError):
-                text = log_path.read_text(errors="replace")
-                out.write(f"\n===== {name} {phase} (last 60000 chars)\n{text[-60000:]}")
-                kept = [line[-300:] for line in text.splitlines() if any(k in line for k in ENGINE_LOG_KEYS)]
-                entry[f"{phase}_engine_log"] = kept[:20]
-            wait_gpu_idle()
-            print(
-                json.dumps({k: v for k, v in entry.items() if k != "grpc" or phase == "grpc"})[:3000],
-                flush=True,
-            )
-            judge(entry, settings.concurrency)  # after each phase: a run cut short keeps what it got
-            (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
-            (args.out / "gpu_bench.md").write_text(markdown(results))
+        log_path = Path(f"/tmp/gpu_bench_{name}.log")
+        t0 = time.monotonic()
+        print(f"=== {name} {time.strftime('%H:%M:%S')}", flush=True)
+        try:
+            entry["result"] = run_child(settings, name, log_path, timeout_s=600)
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        entry["wall_s"] = round(time.monotonic() - t0, 1)
+        with logs.open("a") as out, contextlib.suppress(OSError):
+            text = log_path.read_text(errors="replace")
+            out.write(f"\n===== {name} (last 60000 chars)\n{text[-60000:]}")
+            kept = [line[-300:] for line in text.splitlines() if any(k in line for k in ENGINE_LOG_KEYS)]
+            entry["engine_log"] = kept[:20]
+        wait_gpu_idle()
+        judge(entry)  # after each configuration: a run cut short keeps what it got
+        print(json.dumps(entry.get("verdicts", entry.get("error")))[:3000], flush=True)
+        (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
+        (args.out / "gpu_bench.md").write_text(markdown(results))
     print(markdown(results), flush=True)
     return 0
 

@@ -44,6 +44,9 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--engine", choices=["process", "inline"], default="process", help="the server's --engine"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +59,11 @@ def main() -> int:
         if args.bundle is None or args.model is None:
             parser.error("give --bundle and --model, or --tiny")
         server = start_server(
-            bundle=args.bundle, model=args.model, precision=args.precision, log_path=Path(tmp) / "server.log"
+            bundle=args.bundle,
+            model=args.model,
+            precision=args.precision,
+            log_path=Path(tmp) / "server.log",
+            extra_args=("--engine", args.engine),
         )
         try:
             with ProbeClient(server.target, timeout=60) as client:

@@ -56,6 +56,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "thread (no hidden states cross processes)",
     )  # fmt: skip
     parser.add_argument(
+        "--batch-wait-ms", type=float, default=2.0,
+        help="inline engine: an idle engine waits up to this long for as many requests as its last "
+        "step answered, so a burst of concurrent calls shares one step (0: start at once)",
+    )  # fmt: skip
+    parser.add_argument(
         "--load-format", choices=["auto", "dummy"], default="auto",
         help="dummy: random weights of the checkpoint's shape, for benchmarks (needs --skip-pairing-check)",
     )  # fmt: skip
@@ -179,6 +184,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
         "precision": precision,
         "lora_mode": lora_mode,
         "inline": args.engine == "inline",
+        "batch_wait_ms": args.batch_wait_ms,
         "load_format": args.load_format,
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,

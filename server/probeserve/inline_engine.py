@@ -8,8 +8,18 @@ at batch 8 (shared/gpu/README.md).
 
 One thread owns the engine for its whole life: it builds it, takes new requests and aborts from
 a thread-safe queue, ``add_request()``\\ s them, ``step()``\\ s while work is unfinished and hands
-each finished request's states to its asyncio future with ``loop.call_soon_threadsafe``. Requests
-that arrive while a step runs join the next one, so concurrent calls batch as in ``AsyncLLM``.
+each finished request's result to its asyncio future with ``loop.call_soon_threadsafe``. A request
+may bring a *reader* (``read_states``): right after each step the thread hands the reader the
+hidden states of every request that step finished, in one call, so the probe heads run once per
+step for the whole batch, beside the engine (on its GPU), and the event loop receives only their
+decisions. Requests that arrive while a step runs join the next one, so concurrent calls
+batch as in ``AsyncLLM``.
+
+A pooling request finishes in the step that admits it, so when a burst of calls trickles in
+over the network the first arrivals would start a small step of their own and the rest would
+wait for it: a closed loop of 8 clients splits into groups that take turns. ``batch_wait_ms``
+lets an idle engine wait (a bounded time) until as many requests are queued as its last step
+answered, which keeps such a burst in one step; a lone caller never waits.
 A cancelled coroutine aborts its request; an engine exception marks the engine errored and fails
 every waiter with :class:`EngineUnavailableError`. The interface is that of ``VllmEngine``.
 """
@@ -23,8 +33,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import torch
@@ -38,6 +49,7 @@ from probeserve.engine import (
     pooling_params,
 )
 from probeserve.errors import EngineUnavailableError, ProbeError
+from probeserve.extraction import BatchReader
 
 log = structlog.get_logger(__name__)
 
@@ -45,13 +57,18 @@ log = structlog.get_logger(__name__)
 # A new request wakes it at once; this only bounds how late it notices shutdown.
 IDLE_WAIT_S = 0.05
 
+C = TypeVar("C")
+R = TypeVar("R")
+
 
 @dataclass
 class _Add:
     engine_id: str
     token_ids: list[int]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[torch.Tensor]
+    future: asyncio.Future[Any]
+    reader: BatchReader[Any, Any] | None = None  # None: the hidden states themselves
+    context: Any = None  # the reader's item for this request
 
 
 @dataclass
@@ -66,7 +83,7 @@ class _Wake:
 _Command = _Add | _Abort | _Wake
 
 
-def _settle(future: asyncio.Future[torch.Tensor], outcome: torch.Tensor | BaseException) -> None:
+def _settle(future: asyncio.Future[Any], outcome: object) -> None:
     """Runs on the future's event loop."""
     if future.done():  # cancelled meanwhile
         return
@@ -76,7 +93,7 @@ def _settle(future: asyncio.Future[torch.Tensor], outcome: torch.Tensor | BaseEx
         future.set_result(outcome)
 
 
-def _post(command: _Add, outcome: torch.Tensor | BaseException) -> None:
+def _post(command: _Add, outcome: object) -> None:
     """Hand a request's outcome to its caller's event loop (from the engine thread)."""
     with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
         command.loop.call_soon_threadsafe(_settle, command.future, outcome)
@@ -144,10 +161,28 @@ class InlineEngine:
         return int(engine.get_num_unfinished_requests())
 
     async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
+        hidden: torch.Tensor = await self._submit(request_id, token_ids)
+        return hidden
+
+    async def read_states(
+        self, request_id: str, token_ids: list[int], reader: BatchReader[C, R], context: C
+    ) -> R:
+        """This request's item of ``reader([(states, context), ...])``, which the engine thread
+        calls once per step for every request of that step with the same reader."""
+        result: R = await self._submit(request_id, token_ids, reader, context)
+        return result
+
+    async def _submit(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        reader: BatchReader[Any, Any] | None = None,
+        context: Any = None,
+    ) -> Any:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         # Unique within the engine even when callers reuse a request id.
-        command = _Add(f"{request_id}-{next(self._ids)}", token_ids, loop, future)
+        command = _Add(f"{request_id}-{next(self._ids)}", token_ids, loop, future, reader, context)
         with self._submit_lock:
             if self._closed or self._errored:
                 raise EngineUnavailableError("the inference engine has stopped")
@@ -205,29 +240,60 @@ class InlineEngine:
 
     def _serve(self) -> None:
         engine = self._engine
+        last_step = 0  # requests the last step answered; 0 after an idle spell
+        arrived = 0  # requests that came while it ran, before its answers went out
         while not self._stop.is_set():
-            busy = bool(engine.has_unfinished_requests())
-            try:
-                command = self._queue.get(block=not busy, timeout=None if busy else IDLE_WAIT_S)
-            except queue.Empty:
-                command = None
-            while command is not None:
-                self._handle(command)
+            if not engine.has_unfinished_requests():
                 try:
-                    command = self._queue.get_nowait()
+                    command = self._queue.get(timeout=IDLE_WAIT_S)
                 except queue.Empty:
-                    command = None
+                    last_step = arrived = 0
+                    continue
+                self._drain(command)
+            # The callers of the last step, and those that came meanwhile, are likely to be back.
+            expected = min(last_step + arrived, self.config.max_num_seqs)
+            if len(self._pending) < expected:
+                self._gather(expected)
             if self._stop.is_set():
                 return
             if engine.has_unfinished_requests():
-                for output in engine.step():
-                    if output.finished:
-                        self._finish(output)
+                finished = [output for output in engine.step() if output.finished]
+                arrived = self._drain(None)  # counted before any answer goes out
+                self._finish(finished)
+                last_step = len(finished)
 
-    def _handle(self, command: _Command) -> None:
+    def _drain(self, command: _Command | None) -> int:
+        """Handle ``command`` and whatever else is queued, without waiting; returns how many
+        requests were added."""
+        added = 0
+        while True:
+            if command is not None:
+                added += self._handle(command)
+            try:
+                command = self._queue.get_nowait()
+            except queue.Empty:
+                return added
+
+    def _gather(self, expected: int) -> None:
+        """Wait up to ``batch_wait_ms`` until ``expected`` requests are pending (see the module doc)."""
+        if self.config.batch_wait_ms <= 0:
+            return
+        deadline = time.perf_counter() + self.config.batch_wait_ms / 1e3
+        while len(self._pending) < expected and not self._stop.is_set():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            try:
+                command = self._queue.get(timeout=left)
+            except queue.Empty:
+                return
+            self._drain(command)
+
+    def _handle(self, command: _Command) -> int:
+        """Carry out one command; returns 1 if it added a request to the engine, else 0."""
         if isinstance(command, _Add):
             if command.future.done():  # cancelled before it reached the engine
-                return
+                return 0
             try:
                 self._engine.add_request(
                     command.engine_id,
@@ -237,20 +303,38 @@ class InlineEngine:
                 )
             except Exception as exc:  # a request the engine refuses (too long, ...)
                 _post(command, ProbeError(f"engine request failed: {exc}"))
-                return
+                return 0
             self._pending[command.engine_id] = command
-        elif isinstance(command, _Abort) and self._pending.pop(command.engine_id, None) is not None:
+            return 1
+        if isinstance(command, _Abort) and self._pending.pop(command.engine_id, None) is not None:
             self._engine.abort_request([command.engine_id])
+        return 0
 
-    def _finish(self, output: Any) -> None:
-        command = self._pending.pop(str(output.request_id), None)
-        if command is None:  # aborted meanwhile
-            return
-        if getattr(output, "error", None):  # vLLM 0.32 reports a failed request here; 0.26 has no field
-            _post(command, ProbeError(f"engine request failed: {output.error}"))
-            return
-        data: torch.Tensor = output.outputs.data
-        _post(command, data if data.device.type == "cpu" else data.cpu())
+    def _finish(self, outputs: list[Any]) -> None:
+        """Hand each finished request its result: its states, or its item of its reader's call
+        (one call per reader for the whole step)."""
+        batches: dict[BatchReader[Any, Any], list[tuple[_Add, torch.Tensor]]] = {}
+        for output in outputs:
+            command = self._pending.pop(str(output.request_id), None)
+            if command is None:  # aborted meanwhile
+                continue
+            if getattr(output, "error", None):  # vLLM 0.32 reports a failed request here; 0.26 has no field
+                _post(command, ProbeError(f"engine request failed: {output.error}"))
+                continue
+            data: torch.Tensor = output.outputs.data
+            if command.reader is None:
+                _post(command, data if data.device.type == "cpu" else data.cpu())
+            else:
+                batches.setdefault(command.reader, []).append((command, data))
+        for reader, batch in batches.items():
+            try:
+                results: Sequence[object] = reader([(data, command.context) for command, data in batch])
+                if len(results) != len(batch):
+                    raise ProbeError(f"reader returned {len(results)} results for {len(batch)} requests")
+            except Exception as exc:  # the reader's error is its callers', not the engine's
+                results = [exc] * len(batch)
+            for (command, _), outcome in zip(batch, results, strict=True):
+                _post(command, outcome)
 
     def _close(self, error: EngineUnavailableError) -> None:
         """Take no more commands and fail every request still waiting, queued or in the engine."""

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class ServeConfig:
     precision: str = "bf16"
     lora_mode: str = "adapter"
     inline: bool = False
+    batch_wait_ms: float = 2.0
     load_format: str = "auto"
     max_model_len: int = 512
     max_num_seqs: int = 16
@@ -93,6 +95,7 @@ class ServeConfig:
             precision=self.precision,
             lora_mode=self.lora_mode,
             inline=self.inline,
+            batch_wait_ms=self.batch_wait_ms,
             load_format=self.load_format,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
@@ -194,8 +197,15 @@ def _build_server(config: ServeConfig, state: ServingState) -> tuple[grpc.aio.Se
     return server, health_servicer, port
 
 
-async def serve(config: ServeConfig) -> None:
-    """Run the server until SIGTERM or SIGINT, then drain within the grace period."""
+async def serve(
+    config: ServeConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    on_serving: Callable[[ServingState, int], None] | None = None,
+) -> None:
+    """Run the server until SIGTERM or SIGINT (or ``stop`` is set), then drain within the grace
+    period. ``on_serving(state, port)`` runs once health says SERVING: benchmarks use it to time
+    the same engine in-process and through gRPC."""
     started = time.perf_counter()
     # The head math is a few small matmuls per request: one thread is fastest, and leaves the
     # cores to the engine-core process instead of fighting it for them.
@@ -221,7 +231,7 @@ async def serve(config: ServeConfig) -> None:
         auth=bool(config.auth_tokens), metrics_port=metrics_port, bundle=bundle.name, health="NOT_SERVING",
     )  # fmt: skip
 
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -257,6 +267,8 @@ async def serve(config: ServeConfig) -> None:
         log.info(
             "serving", address=f"{config.host}:{port}", startup_s=round(time.perf_counter() - started, 1)
         )
+        if on_serving is not None:
+            on_serving(state, port)
         await stop.wait()
     except PairingError as exc:
         _log_failed(exc)
