@@ -265,42 +265,53 @@ def heads_timings(extractor: Any, prompts: list[Any], hidden: list[Any], reps: i
 # -- the child: one server, timed in-process and through gRPC ------------------------------------
 
 
-async def grpc_clients(port: int, kind: str, tag: str, n: int, concurrency: int) -> list[float]:
-    """Latencies (ms) from a client process (``--child-client``)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--child-client", kind, f"127.0.0.1:{port}", tag, str(n), str(concurrency),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=300)
-    for raw in stdout.decode().splitlines():
-        if raw.startswith("RESULT "):
-            latencies: list[float] = json.loads(raw[7:])
-            return latencies
-    raise RuntimeError(f"client {kind} c{concurrency} exited {proc.returncode} without a result")
+class ClientProcess:
+    """The real clients in a process of their own (``--child-client``), kept for the whole run so
+    that measurements can alternate with the in-process ones every few dozen requests."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, target: str) -> ClientProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--child-client", target,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return cls(proc)
+
+    async def run(self, kind: str, tag: str, n: int, concurrency: int) -> list[float]:
+        """Latencies (ms) of ``n`` calls, closed loop."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{kind} {tag} {n} {concurrency}\n".encode())
+        await self.proc.stdin.drain()
+        while True:
+            raw = (await asyncio.wait_for(self.proc.stdout.readline(), timeout=300)).decode()
+            if not raw:
+                raise RuntimeError(f"client process exited ({self.proc.returncode})")
+            if raw.startswith("RESULT "):
+                latencies: list[float] = json.loads(raw[7:])
+                return latencies
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        await asyncio.wait_for(self.proc.wait(), timeout=30)
 
 
-def client_child(kind: str, target: str, tag: str, n: int, concurrency: int) -> list[float]:
-    """``n`` Extract calls, closed loop: ``sync``: one ProbeClient shared by ``concurrency``
-    threads; ``async``: one AsyncProbeClient, ``concurrency`` coroutines."""
+def client_child(target: str) -> None:
+    """Serve ``KIND TAG N C`` lines from stdin: ``n`` Extract calls, closed loop; ``sync``: one
+    ProbeClient shared by ``C`` threads; ``async``: one AsyncProbeClient, ``C`` coroutines."""
     from probeserve_client import AsyncProbeClient, ProbeClient
 
-    latencies: list[float] = []
-    if kind == "async":
+    runner = asyncio.Runner()
+    sync_client = ProbeClient(target, timeout=60, retries=0)
+    async_client: AsyncProbeClient = runner.run(_async_client(target))
 
-        async def run() -> None:
-            async with AsyncProbeClient(target, timeout=60, retries=0) as client:
-
-                async def call(i: int) -> object:
-                    function, utterance = UTTERANCES[i % len(UTTERANCES)]
-                    return await client.extract(function, utterance, request_id=f"{tag}-{i}")
-
-                latencies.extend(await closed_loop(call, n, concurrency))
-
-        asyncio.run(run())
-        return latencies
-    lock = threading.Lock()
-    counter = iter(range(n))
-    with ProbeClient(target, timeout=60, retries=0) as client:
+    def sync_loop(tag: str, n: int, concurrency: int) -> list[float]:
+        latencies: list[float] = []
+        lock = threading.Lock()
+        counter = iter(range(n))
 
         def worker() -> None:
             while True:
@@ -310,17 +321,44 @@ def client_child(kind: str, target: str, tag: str, n: int, concurrency: int) -> 
                     return
                 function, utterance = UTTERANCES[i % len(UTTERANCES)]
                 t0 = time.perf_counter()
-                client.extract(function, utterance, request_id=f"{tag}-{i}")
+                sync_client.extract(function, utterance, request_id=f"{tag}-{i}")
                 elapsed = (time.perf_counter() - t0) * 1e3
                 with lock:
                     latencies.append(elapsed)
 
+        if concurrency == 1:
+            worker()
+            return latencies
         threads = [threading.Thread(target=worker) for _ in range(concurrency)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    return latencies
+        return latencies
+
+    async def async_loop(tag: str, n: int, concurrency: int) -> list[float]:
+        async def call(i: int) -> object:
+            function, utterance = UTTERANCES[i % len(UTTERANCES)]
+            return await async_client.extract(function, utterance, request_id=f"{tag}-{i}")
+
+        return await closed_loop(call, n, concurrency)
+
+    for line in sys.stdin:
+        kind, tag, n, c = line.split()
+        if kind == "async":
+            latencies = runner.run(async_loop(tag, int(n), int(c)))
+        else:
+            latencies = sync_loop(tag, int(n), int(c))
+        print("RESULT " + json.dumps(latencies), flush=True)
+    sync_client.close()
+    runner.run(async_client.close())
+    runner.close()
+
+
+async def _async_client(target: str) -> Any:
+    from probeserve_client import AsyncProbeClient
+
+    return AsyncProbeClient(target, timeout=60, retries=0)
 
 
 def clients_for(concurrency: int) -> tuple[str, ...]:
@@ -373,6 +411,7 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
         "finite": all(bool(torch.isfinite(h).all()) for h in hidden),
     }  # fmt: skip
     samples: dict[str, list[float]] = {}
+    clients = await ClientProcess.start(f"127.0.0.1:{port}")
     cpu_idle = CpuIdle()
     per_round = max(1, settings.n // settings.rounds)
     for r in range(settings.rounds):
@@ -387,13 +426,14 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
                 if r == 0:  # warm-up: every path, at this concurrency
                     await closed_loop(pipeline, settings.warmup, c)
                     for kind in clients_for(c):
-                        await grpc_clients(port, kind, f"warm-{kind}", settings.warmup, c)
+                        await clients.run(kind, f"warm-{kind}", settings.warmup, c)
                 samples.setdefault(f"{key}/engine", []).extend(await closed_loop(engine_only, per_round, c))
                 samples.setdefault(f"{key}/floor", []).extend(await closed_loop(pipeline, per_round, c))
                 for kind in clients_for(c):
                     tag = f"{variant.tag}-c{c}-{kind}-r{r}"
-                    latencies = await grpc_clients(port, kind, tag, per_round, c)
+                    latencies = await clients.run(kind, tag, per_round, c)
                     samples.setdefault(f"{key}/grpc_{kind}", []).extend(latencies)
+    await clients.close()
     sys.setswitchinterval(0.005)
     cpu_idle.release()
     result["measured"] = {key: summary(values) for key, values in samples.items()}
@@ -556,9 +596,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_bench_out")))
     parser.add_argument("--root", type=Path, default=Path("/tmp/gpu_bench"), help="models and bundle go here")
     parser.add_argument("--configs", default="fp16-base,awq-base,fp16-lora,awq-lora")
-    parser.add_argument("-n", type=int, default=200, help="requests per measurement (all rounds together)")
+    parser.add_argument("-n", type=int, default=240, help="requests per measurement (all rounds together)")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per measurement")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per measurement")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument(
         "--variants",
@@ -571,12 +611,11 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="a CPU-sized model of the same architecture")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this")
     parser.add_argument("--child-server", help=argparse.SUPPRESS)
-    parser.add_argument("--child-client", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-client", help=argparse.SUPPRESS)
     parser.add_argument("--report", nargs="+", type=Path, help="print one table from these JSON files")
     args = parser.parse_args()
     if args.child_client:
-        kind, target, tag, n, c = args.child_client
-        print("RESULT " + json.dumps(client_child(kind, target, tag, int(n), int(c))), flush=True)
+        client_child(args.child_client)
         return 0
     settings = Settings(
         root=args.root,

@@ -42,3 +42,21 @@ def test_query_position_is_last_token_of_slot_marker(tiny: TinyArtifacts, tiny_b
         marker = tok.encode(f"{slot}:")
         assert prompt.token_ids[q - len(marker) + 1 : q + 1] == marker
         assert prompt.token_ids[q + 1 : q + 1 + len(tok.encode("\n"))] == tok.encode("\n")
+
+
+def test_offsets_come_from_the_rust_tokenizer_as_transformers_gives_them(tiny: TinyArtifacts) -> None:
+    """``encode_with_offsets`` calls the Rust tokenizer directly; it must give what the
+    transformers call (what the recipe and the reference use) gives, ids and offsets alike."""
+    tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
+    for text in [
+        "Book a flight from Paris to Tokyo on March 3rd",
+        "  leading and trailing spaces  ",
+        "Ünïcödé façade naïve café — résumé, 東京, Москва, 🙂 emoji.",
+        "tabs\tand\nnewlines\r\n",
+        "x",
+    ]:
+        ids, offsets = tok.encode_with_offsets(text)
+        enc = tok.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == enc["input_ids"]
+        assert offsets == [tuple(o) for o in enc["offset_mapping"]]
+        assert ids == tok.encode(text)

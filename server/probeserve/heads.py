@@ -162,15 +162,13 @@ class ProbeHeads:
         """:meth:`apply` for several prompts in one pass, brought to the host in one copy.
 
         Each item is (hidden [T, d], query positions, utterance slice). The prompts are padded to
-        the longest query and utterance lists and masked, so a batch costs the same few kernel
-        launches as one prompt: on a GPU that launch overhead, not the arithmetic, is the cost.
+        the longest query and utterance lists (padded candidates masked), so a batch costs the
+        same ~18 tensor operations as one prompt: on a GPU that per-operation launch overhead,
+        not the arithmetic, is the cost, so the path is written for few operations.
         """
         if not items:
             return []
-        device, d = self.device, self.hidden_size
-        # One [sum T, d] tensor of every prompt's states; row offsets into it per prompt.
-        parts = [hidden.to(device, torch.float32, non_blocking=True) for hidden, _, _ in items]
-        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        device, d, b = self.device, self.hidden_size, len(items)
         queries: list[list[int]] = []
         spans: list[tuple[int, int]] = []  # (first utterance row, utterance tokens)
         row = 0
@@ -183,52 +181,43 @@ class ProbeHeads:
             row += hidden.shape[0]
         s_max = max(len(q) for q in queries)
         n_max = max(n for _, n in spans)
-        # Every index in one host-to-device copy. Padding points at row 0: padded queries are
-        # dropped when unpacking, padded candidates masked out.
-        query_rows = [r for q in queries for r in q + [0] * (s_max - len(q))]
-        candidate_rows = [start + j if j < n else 0 for start, n in spans for j in range(n_max)]
+        # The query rows, then the candidate rows, then the utterance lengths: one copy to the
+        # device. Padding points at row 0; padded queries are dropped when unpacking.
+        index = [r for q in queries for r in q + [0] * (s_max - len(q))]
+        index += [start + j if j < n else 0 for start, n in spans for j in range(n_max)]
         lengths = [n for _, n in spans]
-        index = torch.tensor(query_rows + candidate_rows + lengths, dtype=torch.long).to(
-            device, non_blocking=True
-        )
-        q_index, c_index = index[: len(query_rows)], index[len(query_rows) : -len(lengths)]
-        valid = torch.arange(n_max, device=device) < index[-len(lengths) :, None]  # [B, N]
-        b = len(items)
-        q = flat[q_index].reshape(b, s_max, d)  # [B, S, d]
-        c = flat[c_index].reshape(b, n_max, d)  # [B, N, d]
+        on_device = torch.tensor(index + lengths, dtype=torch.long).to(device, non_blocking=True)
+        states = [hidden.to(device, torch.float32, non_blocking=True) for hidden, _, _ in items]
+        flat = states[0] if b == 1 else torch.cat(states)
+        rows = flat[on_device[: len(index)]]
+        q = rows[: b * s_max].view(b, s_max, d)
+        c = rows[b * s_max :].view(b, n_max, d)
 
-        null_logits = q @ self.null_weight.T + self.null_bias  # [B, S, 2]
-        projected = (q @ self._pointer.T).reshape(b, s_max * 2, d)  # [B, 2S, d]: start, end per slot
-        scores = (projected @ c.transpose(1, 2)).reshape(b, s_max, 2, n_max) / math.sqrt(d)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        pointers = scores.argmax(dim=-1)  # [B, S, 2]
-        start = pointers[..., 0]
-        end = torch.maximum(pointers[..., 1], start)
-        chosen = torch.stack((start, end), dim=-1)  # [B, S, 2]
-        probabilities = torch.softmax(scores, dim=-1).gather(-1, chosen[..., None])[..., 0]  # [B, S, 2]
-        packed = torch.stack(
-            (
-                (null_logits.argmax(dim=-1) == 0).to(torch.float64),
-                torch.softmax(null_logits, dim=-1)[..., 0].to(torch.float64),
-                start.to(torch.float64),
-                end.to(torch.float64),
-                probabilities[..., 0].to(torch.float64),
-                probabilities[..., 1].to(torch.float64),
-            ),
-            dim=1,
-        ).cpu()  # [B, 6, S]: the one wait for the device
+        null_logits = torch.nn.functional.linear(q, self.null_weight, self.null_bias)  # [B, S, 2]
+        # [B, S, 2d] -> [B, 2S, d]: each slot's start projection, then its end projection.
+        projected = torch.nn.functional.linear(q, self._pointer).view(b, 2 * s_max, d)
+        scores = torch.bmm(projected, c.transpose(1, 2)).view(b, s_max, 2, n_max)
+        scores.mul_(1.0 / math.sqrt(d))
+        if min(lengths) < n_max:
+            padded = torch.arange(n_max, device=device) >= on_device[len(index) :, None]  # [B, N]
+            scores.masked_fill_(padded[:, None, None, :], float("-inf"))
+        pointers = scores.argmax(dim=-1)  # [B, S, 2]: start, end
+        pointers[..., 1].clamp_(min=pointers[..., 0])  # the end is raised to the start
+        probabilities = torch.softmax(scores, dim=-1).gather(-1, pointers[..., None])[..., 0]  # [B, S, 2]
+        presence = torch.softmax(null_logits, dim=-1)[..., :1]
+        packed = torch.cat((null_logits, presence, pointers.to(torch.float32), probabilities), dim=-1).cpu()
         out = []
-        for i, rows in enumerate(packed.tolist()):
-            s = len(queries[i])
-            present, presence, starts, ends, start_p, end_p = (r[:s] for r in rows)
+        for i, slots in enumerate(packed.tolist()):  # [S, 7] per prompt; the one wait for the device
+            mine = slots[: len(queries[i])]
             out.append(
                 HeadDecisions(
-                    present=[p != 0.0 for p in present],
-                    presence_probability=presence,
-                    start=[int(x) for x in starts],
-                    end=[int(x) for x in ends],
-                    start_probability=start_p,
-                    end_probability=end_p,
+                    # argmax == 0, ties included (argmax returns the first maximum)
+                    present=[absent <= present for present, absent, *_ in mine],
+                    presence_probability=[r[2] for r in mine],
+                    start=[int(r[3]) for r in mine],
+                    end=[int(r[4]) for r in mine],
+                    start_probability=[r[5] for r in mine],
+                    end_probability=[r[6] for r in mine],
                 )
             )
         return out

@@ -23,5 +23,7 @@ class HfPieceTokenizer:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+        # The Rust tokenizer itself: what ``tokenizer(text, return_offsets_mapping=True)`` runs,
+        # without ~0.3 ms of Python around it per request (tests/test_prompt.py checks they agree).
+        enc = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
