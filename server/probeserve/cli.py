@@ -56,7 +56,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "thread (no hidden states cross processes)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-wait-ms", type=float, default=2.0,
+        "--batch-wait-ms", type=float, default=5.0,
         help="inline engine: an idle engine waits up to this long for as many requests as its last "
         "step answered, so a burst of concurrent calls shares one step (0: start at once)",
     )  # fmt: skip

@@ -54,7 +54,7 @@ class EngineConfig:
     inline: bool = False
     # Inline engine only: when the engine is idle and fewer requests are waiting than its last
     # step answered, wait up to this long for the rest before the next step (0: never wait).
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 5.0
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
     max_model_len: int = 512
     max_num_seqs: int = 16

@@ -67,7 +67,7 @@ class ServeConfig:
     precision: str = "bf16"
     lora_mode: str = "adapter"
     inline: bool = False
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 5.0
     load_format: str = "auto"
     max_model_len: int = 512
     max_num_seqs: int = 16
