@@ -602,7 +602,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument(
         "--variants",
-        default="2:5",
+        default="5:5",
         help="batch-wait-ms:switch-interval-ms, comma-separated; the first is the default",
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
