@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from probeserve.heads import ProbeHeads, decisions
+from probeserve.bundle import Bundle
+from probeserve.errors import ProbeError
+from probeserve.extraction import ExtractionRequest, Extractor
+from probeserve.heads import HeadDecisions, ProbeHeads, decisions
+from probeserve.tokenization import HfPieceTokenizer
+from tests.support.tiny_model import TinyArtifacts
 
 
 def _heads(d: int, seed: int = 0) -> ProbeHeads:
@@ -91,6 +96,17 @@ def _random_prompt(g: torch.Generator, d: int) -> tuple[torch.Tensor, list[int],
     return hidden, queries, slice(begin, end)
 
 
+def _assert_same(got: HeadDecisions, want: HeadDecisions) -> None:
+    """Same decisions; probabilities equal up to float32 summation order (batches are padded)."""
+    assert (got.present, got.start, got.end) == (want.present, want.start, want.end)
+    for a, b in zip(
+        got.presence_probability + got.start_probability + got.end_probability,
+        want.presence_probability + want.start_probability + want.end_probability,
+        strict=True,
+    ):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+
+
 def test_batched_decisions_equal_one_prompt_at_a_time() -> None:
     """Padding and masking in ``decide_batch`` change nothing: prompts of different lengths,
     slot counts and utterance spans get what ``apply`` gives each alone."""
@@ -100,12 +116,31 @@ def test_batched_decisions_equal_one_prompt_at_a_time() -> None:
     for batch_size in (1, 2, 5, 8):
         items = [_random_prompt(g, d) for _ in range(batch_size)]
         for (hidden, queries, utt), got in zip(items, heads.decide_batch(items), strict=True):
-            want = decisions(heads.apply(hidden, torch.tensor(queries), utt))
-            assert (got.present, got.start, got.end) == (want.present, want.start, want.end)
-            for a, b in zip(
-                got.presence_probability + got.start_probability + got.end_probability,
-                want.presence_probability + want.start_probability + want.end_probability,
-                strict=True,
-            ):
-                assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+            _assert_same(got, decisions(heads.apply(hidden, torch.tensor(queries), utt)))
     assert heads.decide_batch([]) == []
+
+
+def test_a_request_with_mismatched_states_fails_alone(tiny: TinyArtifacts, tiny_bundle: Bundle) -> None:
+    """One step's batch: a prompt whose states do not match its tokens gets its own error, and
+    its neighbours get exactly what they get alone."""
+    extractor = Extractor(tiny_bundle, HfPieceTokenizer.from_pretrained(tiny.model_dir), _NoEngine())
+    g = torch.Generator().manual_seed(5)
+    a = extractor.prepare(ExtractionRequest("book_flight", "Paris to Tokyo on March 3rd"))
+    b = extractor.prepare(ExtractionRequest("get_weather", "rain in Oslo tomorrow?"))
+    d = tiny_bundle.hidden_size
+    states_a = torch.randn(len(a.token_ids), d, generator=g)
+    states_b = torch.randn(len(b.token_ids), d, generator=g)
+    short = torch.randn(len(b.token_ids) - 1, d, generator=g)
+    together = extractor.decide_many([(states_a, a), (short, b), (states_b, b)])
+    assert isinstance(together[1], ProbeError) and "hidden states for" in together[1].message
+    for got, (states, prompt) in ((together[0], (states_a, a)), (together[2], (states_b, b))):
+        alone = extractor.decide_many([(states, prompt)])[0]
+        assert isinstance(got, HeadDecisions) and isinstance(alone, HeadDecisions)
+        _assert_same(got, alone)
+
+
+class _NoEngine:
+    max_prompt_tokens = 512
+
+    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
+        raise AssertionError("not used")

@@ -190,31 +190,23 @@ class Extractor:
         Thread-safe (the inline engine calls it on its own thread). A prompt whose states do not
         match its tokens gets a :class:`ProbeError` in its place; the others are still answered.
         """
-        out: list[HeadDecisions | ProbeError] = []
-        good: list[int] = []
-        for i, (hidden, prompt) in enumerate(items):
-            if hidden.shape[0] != len(prompt.token_ids):
-                out.append(
-                    ProbeError(
-                        f"engine returned {hidden.shape[0]} hidden states for {len(prompt.token_ids)} tokens"
-                    )
-                )
-            else:
-                out.append(ProbeError("not read"))
-                good.append(i)
-        decided = self.bundle.heads.decide_batch(
-            [
-                (
-                    items[i][0],
-                    items[i][1].query_positions,
-                    slice(items[i][1].utterance_start, items[i][1].utterance_end),
-                )
-                for i in good
-            ]
+        wrong = {
+            i: ProbeError(
+                f"engine returned {hidden.shape[0]} hidden states for {len(prompt.token_ids)} tokens"
+            )
+            for i, (hidden, prompt) in enumerate(items)
+            if hidden.shape[0] != len(prompt.token_ids)
+        }
+        decided = iter(
+            self.bundle.heads.decide_batch(
+                [
+                    (hidden, prompt.query_positions, slice(prompt.utterance_start, prompt.utterance_end))
+                    for i, (hidden, prompt) in enumerate(items)
+                    if i not in wrong
+                ]
+            )
         )
-        for i, result in zip(good, decided, strict=True):
-            out[i] = result
-        return out
+        return [wrong[i] if i in wrong else next(decided) for i in range(len(items))]
 
     def _read_many(self, items: Sequence[tuple[torch.Tensor, Prompt]]) -> list[_Read | ProbeError]:
         """:meth:`decide_many`, timed (the heads' time is the batch's)."""

@@ -164,7 +164,9 @@ class ProbeHeads:
         Each item is (hidden [T, d], query positions, utterance slice). The prompts are padded to
         the longest query and utterance lists (padded candidates masked), so a batch costs the
         same ~18 tensor operations as one prompt: on a GPU that per-operation launch overhead,
-        not the arithmetic, is the cost, so the path is written for few operations.
+        not the arithmetic, is the cost, so the path is written for few operations. Decisions
+        equal :meth:`apply`'s; probabilities may differ in the last float32 digits with the
+        batch's padding (summation order), as the engine's own states do with its batch.
         """
         if not items:
             return []
