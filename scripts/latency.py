@@ -2,11 +2,13 @@
 
 Starts the real server, sends N sequential Extract calls (concurrency 1) through the real
 client, and pairs each call's client-side wall time with the engine time the server logged for
-the same request id (the time spent inside vLLM's ``AsyncLLM.encode``). The difference is what
+the same request id (the time spent inside vLLM's ``AsyncLLM.encode``, or with ``--engine inline``
+until the engine thread starts the heads). The difference is what
 the server adds: gRPC, tokenization, moving hidden states, head math, serialization.
 
     python scripts/latency.py --bundle DIR --model DIR [--precision bf16] [-n 200]
     python scripts/latency.py --tiny        # the tests' tiny model, made on the spot
+    python scripts/latency.py --tiny --engine inline
 """
 
 from __future__ import annotations
