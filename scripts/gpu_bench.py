@@ -603,7 +603,8 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         default="5:5",
-        help="batch-wait-ms:switch-interval-ms[:noidle], comma-separated; the first is what the server starts with",
+        help="batch-wait-ms:switch-interval-ms[:noidle], comma-separated; the first is what the server starts"
+        " with",
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
     parser.add_argument("--max-num-seqs", type=int, default=16)
