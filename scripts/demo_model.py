@@ -32,6 +32,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from probeserve.checkpoint import sha256_file
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_NAME = "smollm2-135m-instruct"
@@ -53,14 +55,6 @@ def cache_root() -> Path:
 
 def default_model_dir() -> Path:
     return cache_root() / "models" / MODEL_NAME
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(files: dict[str, str]) -> str:

@@ -42,7 +42,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD = "probeserve_quantization.json"
+# The AWQ env (.tools/awq) does not install probeserve; its checkpoint module is standard library
+# only, and shares the file digest and record name with the pairing check that reads the record.
+sys.path.insert(0, str(ROOT / "server"))
+from probeserve.checkpoint import QUANTIZATION_RECORD as RECORD  # noqa: E402
+from probeserve.checkpoint import sha256_file  # noqa: E402
+
 SCHEME = "W4A16_ASYM"
 DEFAULT_SAMPLES = 128
 DEFAULT_GROUP_SIZE = 64  # SmolLM2-135M's width, 576, is not a multiple of the usual 128
@@ -57,14 +62,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 TOOLS = ("llmcompressor", "compressed-tensors", "torch", "transformers")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def texts_sha256(texts: Sequence[str]) -> str:

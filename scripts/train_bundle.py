@@ -42,14 +42,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+# probeserve.spans and probeserve.checkpoint (which demo_model uses) import only the standard
+# library, so they load on the GPU image too (where probeserve's own dependencies, e.g.
+# structlog, are missing); the spans rule cuts every value.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_model
 import xlam_data
 from xlam_data import Example
 
-# probeserve.spans imports only the standard library, so it loads on the GPU image too (where
-# probeserve's own dependencies, e.g. structlog, are missing); its rule cuts every value.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 from probeserve import spans as serving_spans
 
 BUNDLE_NAME = "xlam-smollm2-135m"

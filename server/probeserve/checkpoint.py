@@ -15,6 +15,8 @@ from typing import Any
 from probeserve.errors import ProbeError
 
 CONFIG_FILE = "config.json"
+# Written by scripts/quantize_awq.py beside a checkpoint it made: what it was quantized from.
+QUANTIZATION_RECORD = "probeserve_quantization.json"
 
 
 def sha256_file(path: Path) -> str:

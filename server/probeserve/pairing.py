@@ -28,7 +28,7 @@ import structlog
 
 from probeserve import calibration, fingerprint
 from probeserve.bundle import Bundle
-from probeserve.checkpoint import read_config
+from probeserve.checkpoint import QUANTIZATION_RECORD, read_config
 from probeserve.errors import ProbeError
 from probeserve.extraction import HiddenStateEngine
 from probeserve.prompt import PromptBuilder
@@ -36,7 +36,6 @@ from probeserve.prompt import PromptBuilder
 log = structlog.get_logger(__name__)
 
 PAIRING_FORMAT = 1
-QUANTIZATION_RECORD = "probeserve_quantization.json"
 # Per precision: the least share of calibration slots whose decision (presence, and start/end
 # where present) must equal the float32 reference's, and the largest relative RMS error of the
 # heads' scores. Set from measurements (see README "Choosing a precision"); a bundle may carry
