@@ -229,8 +229,6 @@ def heads_timings(extractor: Any, prompts: list[Any], hidden: list[Any], reps: i
     thread); each includes the copy of the hidden states."""
     import torch
 
-    from probeserve.heads import decisions
-
     out: dict[str, Any] = {}
 
     def timed(label: str, call: Callable[[int], object], warmup: int = 5) -> None:
@@ -255,8 +253,9 @@ def heads_timings(extractor: Any, prompts: list[Any], hidden: list[Any], reps: i
 
         def cpu(i: int) -> object:
             p = prompts[i]
-            queries = torch.tensor(p.query_positions)
-            return decisions(on_cpu.apply(hidden[i], queries, slice(p.utterance_start, p.utterance_end)))
+            return on_cpu.decide_batch(
+                [(hidden[i], p.query_positions, slice(p.utterance_start, p.utterance_end))]
+            )
 
         timed(f"cpu_1_{torch.get_num_threads()}_threads", cpu)
     return out

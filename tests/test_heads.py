@@ -9,7 +9,7 @@ import torch
 from probeserve.bundle import Bundle
 from probeserve.errors import ProbeError
 from probeserve.extraction import ExtractionRequest, Extractor
-from probeserve.heads import HeadDecisions, ProbeHeads, decisions
+from probeserve.heads import HeadDecisions, HeadOutputs, ProbeHeads
 from probeserve.tokenization import HfPieceTokenizer
 from tests.support.tiny_model import TinyArtifacts
 
@@ -96,6 +96,18 @@ def _random_prompt(g: torch.Generator, d: int) -> tuple[torch.Tensor, list[int],
     return hidden, queries, slice(begin, end)
 
 
+def _decisions(out: HeadOutputs) -> HeadDecisions:
+    """``apply``'s outputs as host values, one tensor at a time (the reference for the batch)."""
+    return HeadDecisions(
+        present=out.present.tolist(),
+        presence_probability=out.presence_probability.tolist(),
+        start=out.start.tolist(),
+        end=out.end.tolist(),
+        start_probability=out.start_probability.tolist(),
+        end_probability=out.end_probability.tolist(),
+    )
+
+
 def _assert_same(got: HeadDecisions, want: HeadDecisions) -> None:
     """Same decisions; probabilities equal up to float32 summation order (batches are padded)."""
     assert (got.present, got.start, got.end) == (want.present, want.start, want.end)
@@ -116,7 +128,7 @@ def test_batched_decisions_equal_one_prompt_at_a_time() -> None:
     for batch_size in (1, 2, 5, 8):
         items = [_random_prompt(g, d) for _ in range(batch_size)]
         for (hidden, queries, utt), got in zip(items, heads.decide_batch(items), strict=True):
-            _assert_same(got, decisions(heads.apply(hidden, torch.tensor(queries), utt)))
+            _assert_same(got, _decisions(heads.apply(hidden, torch.tensor(queries), utt)))
     assert heads.decide_batch([]) == []
 
 

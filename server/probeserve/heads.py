@@ -49,31 +49,6 @@ class HeadDecisions:
     end_probability: list[float]
 
 
-def decisions(out: HeadOutputs) -> HeadDecisions:
-    """Bring the decisions to the host in one copy: on a GPU each ``.tolist()`` waits for the
-    device, so six of them cost six round trips; one float64 [6, S] tensor costs one (token
-    indices and booleans are exact in float64)."""
-    packed = torch.stack(
-        (
-            out.present.to(torch.float64),
-            out.presence_probability.to(torch.float64),
-            out.start.to(torch.float64),
-            out.end.to(torch.float64),
-            out.start_probability.to(torch.float64),
-            out.end_probability.to(torch.float64),
-        )
-    ).cpu()
-    present, presence, start, end, start_p, end_p = packed.tolist()
-    return HeadDecisions(
-        present=[p != 0.0 for p in present],
-        presence_probability=presence,
-        start=[int(i) for i in start],
-        end=[int(i) for i in end],
-        start_probability=start_p,
-        end_probability=end_p,
-    )
-
-
 @dataclass(frozen=True)
 class ProbeHeads:
     """The NullHead and PointerHead weights (float32)."""

@@ -31,6 +31,8 @@ class Metrics:
             "probeserve_item_latency_seconds", "Per-item latency by stage", ["stage"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        # Resolved once: the per-item path observes all four stages on every answer.
+        self.stage_latency = {stage: self.latency.labels(stage) for stage in STAGES}
         self.in_flight = Gauge(
             "probeserve_in_flight_items", "Items admitted and not yet answered", registry=r
         )

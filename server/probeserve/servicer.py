@@ -156,7 +156,7 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
         queue_s = max(total_s - (t.engine_ms + t.heads_ms) / 1e3, 0.0)
         for stage, seconds in (("queue", queue_s), ("engine", t.engine_ms / 1e3),
                                ("heads", t.heads_ms / 1e3), ("total", total_s)):  # fmt: skip
-            self.metrics.latency.labels(stage).observe(seconds)
+            self.metrics.stage_latency[stage].observe(seconds)
         self.metrics.prompt_tokens.observe(result.prompt_tokens)
         self._engine_estimate_s = 0.9 * self._engine_estimate_s + 0.1 * (t.engine_ms / 1e3)
         log.info(
