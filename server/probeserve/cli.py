@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from probeserve.engine import PRECISION_DTYPES, PRECISIONS, resolve_precision
+from probeserve.engine import DEFAULT_BATCH_WAIT_MS, PRECISION_DTYPES, PRECISIONS, resolve_precision
 from probeserve.errors import BundleError, ProbeError
 from probeserve.logs import configure_logging
 from probeserve.pairing import PairingError
@@ -56,7 +56,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "thread (no hidden states cross processes)",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-wait-ms", type=float, default=5.0,
+        "--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
         help="inline engine: an idle engine waits up to this long for as many requests as its last "
         "step answered, so a burst of concurrent calls shares one step (0: start at once)",
     )  # fmt: skip

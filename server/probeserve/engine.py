@@ -36,6 +36,9 @@ ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
 # request would run without a graph (H200: 18.5 ms against 13.0 ms with these sizes); batches
 # in between are padded up to the next size.
 CUDA_GRAPH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Inline engine: how long an idle engine may wait to keep a burst in one step. On the H200, 8
+# gRPC clients' calls arrive 3-5 ms apart; 2 ms still split them (BENCHMARKS.md, GPU).
+DEFAULT_BATCH_WAIT_MS = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class EngineConfig:
     inline: bool = False
     # Inline engine only: when the engine is idle and fewer requests are waiting than its last
     # step answered, wait up to this long for the rest before the next step (0: never wait).
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
     max_model_len: int = 512
     max_num_seqs: int = 16

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from probeserve.auth import BearerTokenInterceptor
 from probeserve.bundle import Bundle, load_bundle
-from probeserve.engine import EngineConfig, ServingEngine, engine_version, start_engine
+from probeserve.engine import DEFAULT_BATCH_WAIT_MS, EngineConfig, ServingEngine, engine_version, start_engine
 from probeserve.extraction import ExtractionRequest, Extractor
 from probeserve.pairing import Check, PairingError, function_checks, raise_on_failure, static_checks
 from probeserve.servicer import ProbeServicer, ServerLimits, ServingState
@@ -67,7 +67,7 @@ class ServeConfig:
     precision: str = "bf16"
     lora_mode: str = "adapter"
     inline: bool = False
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     load_format: str = "auto"
     max_model_len: int = 512
     max_num_seqs: int = 16
