@@ -87,8 +87,9 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
         self.metrics = state.metrics
         self.metrics.in_flight.set_function(lambda: float(self.admission.in_flight))
         self.metrics.in_flight_limit.set(self.limits.max_in_flight)
-        # A running estimate of engine time, to refuse work whose deadline cannot be met.
-        self._engine_estimate_s = 0.0
+        # A running estimate of engine time, to refuse work whose deadline cannot be met. It
+        # starts at the first measurement, not at zero, so it is never below every measurement.
+        self._engine_estimate_s: float | None = None
 
     # -- one item, whatever the RPC ------------------------------------------------------------
 
@@ -106,10 +107,11 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
 
     def _check_deadline(self, context: Context[Any, Any]) -> None:
         remaining = context.time_remaining()
-        if remaining is not None and remaining < self._engine_estimate_s:
+        estimate = self._engine_estimate_s
+        if remaining is not None and estimate is not None and remaining < estimate:
             raise ProbeError(
                 f"deadline leaves {_ms(remaining)} ms; an extraction takes about "
-                f"{_ms(self._engine_estimate_s)} ms, so it was not started",
+                f"{_ms(estimate)} ms, so it was not started",
                 ErrorKind.DEADLINE_EXCEEDED,
             )
 
@@ -158,7 +160,9 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
                                ("heads", t.heads_ms / 1e3), ("total", total_s)):  # fmt: skip
             self.metrics.stage_latency[stage].observe(seconds)
         self.metrics.prompt_tokens.observe(result.prompt_tokens)
-        self._engine_estimate_s = 0.9 * self._engine_estimate_s + 0.1 * (t.engine_ms / 1e3)
+        engine_s = t.engine_ms / 1e3
+        previous = self._engine_estimate_s
+        self._engine_estimate_s = engine_s if previous is None else 0.9 * previous + 0.1 * engine_s
         log.info(
             "extract", status=status, prompt_tokens=result.prompt_tokens, queue_ms=_ms(queue_s),
             prepare_ms=round(t.prepare_ms, 2),
