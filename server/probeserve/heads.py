@@ -163,7 +163,10 @@ class ProbeHeads:
         index = [r for q in queries for r in q + [0] * (s_max - len(q))]
         index += [start + j if j < n else 0 for start, n in spans for j in range(n_max)]
         lengths = [n for _, n in spans]
-        on_device = torch.tensor(index + lengths, dtype=torch.long).to(device, non_blocking=True)
+        # From pinned memory the copy is queued like any kernel; from pageable memory CUDA would
+        # first wait for everything already queued on the stream.
+        host = torch.tensor(index + lengths, dtype=torch.long, pin_memory=device.type == "cuda")
+        on_device = host.to(device, non_blocking=True)
         states = [hidden.to(device, torch.float32, non_blocking=True) for hidden, _, _ in items]
         flat = states[0] if b == 1 else torch.cat(states)
         rows = flat[on_device[: len(index)]]
