@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import importlib.metadata
 import json
 import os
@@ -47,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "scripts" / "gpu")]  # also when imported
 
 from make_bundle import UTTERANCES, make_all  # noqa: E402
+from wake_latency import host_cpu  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class Settings:
     gpu_memory_utilization: float
     compile: bool
     max_num_seqs: int
+    gap_ms: float  # c1 engine and floor are also timed with this pause between requests
 
 
 def parse_variants(text: str) -> tuple[Variant, ...]:
@@ -205,15 +208,17 @@ def serve_config(settings: Settings, name: str) -> Any:
 
 
 async def closed_loop(
-    call: Callable[[int], Awaitable[object]], n: int, concurrency: int, start: int = 0
+    call: Callable[[int], Awaitable[object]], n: int, concurrency: int, gap_s: float = 0.0
 ) -> list[float]:
     """Per-request latencies (ms) of ``n`` calls by ``concurrency`` workers, each sending its next
-    call when its last is answered."""
+    call when its last is answered (``gap_s`` later, not counted)."""
     latencies: list[float] = []
-    counter = iter(range(start, start + n))
+    counter = iter(range(n))
 
     async def worker() -> None:
         for i in counter:
+            if gap_s:
+                await asyncio.sleep(gap_s)
             t0 = time.perf_counter()
             await call(i)
             latencies.append((time.perf_counter() - t0) * 1e3)
@@ -279,8 +284,9 @@ class ClientProcess:
         )  # fmt: skip
         return cls(proc)
 
-    async def run(self, kind: str, tag: str, n: int, concurrency: int) -> list[float]:
-        """Latencies (ms) of ``n`` calls, closed loop."""
+    async def run(self, kind: str, tag: str, n: int, concurrency: int) -> tuple[list[float], dict[str, Any]]:
+        """Latencies (ms) of ``n`` calls, closed loop, and the wall-clock times each request was
+        sent and its answer received (sync client at concurrency 1; else empty)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{kind} {tag} {n} {concurrency}\n".encode())
         await self.proc.stdin.drain()
@@ -289,8 +295,8 @@ class ClientProcess:
             if not raw:
                 raise RuntimeError(f"client process exited ({self.proc.returncode})")
             if raw.startswith("RESULT "):
-                latencies: list[float] = json.loads(raw[7:])
-                return latencies
+                got: dict[str, Any] = json.loads(raw[7:])
+                return got["latencies"], got["stamps"]
 
     async def close(self) -> None:
         if self.proc.stdin is not None:
@@ -307,6 +313,8 @@ def client_child(target: str) -> None:
     sync_client = ProbeClient(target, timeout=60, retries=0)
     async_client: AsyncProbeClient = runner.run(_async_client(target))
 
+    stamps: dict[str, tuple[float, float]] = {}
+
     def sync_loop(tag: str, n: int, concurrency: int) -> list[float]:
         latencies: list[float] = []
         lock = threading.Lock()
@@ -319,11 +327,13 @@ def client_child(target: str) -> None:
                 if i is None:
                     return
                 function, utterance = UTTERANCES[i % len(UTTERANCES)]
-                t0 = time.perf_counter()
+                sent, t0 = time.time(), time.perf_counter()
                 sync_client.extract(function, utterance, request_id=f"{tag}-{i}")
                 elapsed = (time.perf_counter() - t0) * 1e3
                 with lock:
                     latencies.append(elapsed)
+                    if concurrency == 1:
+                        stamps[f"{tag}-{i}"] = (sent, time.time())
 
         if concurrency == 1:
             worker()
@@ -344,11 +354,12 @@ def client_child(target: str) -> None:
 
     for line in sys.stdin:
         kind, tag, n, c = line.split()
+        stamps.clear()
         if kind == "async":
             latencies = runner.run(async_loop(tag, int(n), int(c)))
         else:
             latencies = sync_loop(tag, int(n), int(c))
-        print("RESULT " + json.dumps(latencies), flush=True)
+        print("RESULT " + json.dumps({"latencies": latencies, "stamps": stamps}), flush=True)
     sync_client.close()
     runner.run(async_client.close())
     runner.close()
@@ -410,6 +421,7 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
         "finite": all(bool(torch.isfinite(h).all()) for h in hidden),
     }  # fmt: skip
     samples: dict[str, list[float]] = {}
+    stamps: dict[str, Any] = {}  # request id -> (sent, received), wall clock, in the client
     clients = await ClientProcess.start(f"127.0.0.1:{port}")
     cpu_idle = CpuIdle()
     per_round = max(1, settings.n // settings.rounds)
@@ -428,14 +440,22 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
                         await clients.run(kind, f"warm-{kind}", settings.warmup, c)
                 samples.setdefault(f"{key}/engine", []).extend(await closed_loop(engine_only, per_round, c))
                 samples.setdefault(f"{key}/floor", []).extend(await closed_loop(pipeline, per_round, c))
+                if c == 1 and settings.gap_ms:  # the idle spells a gRPC closed loop has
+                    gap_s = settings.gap_ms / 1e3
+                    for label, call in (("engine_gap", engine_only), ("floor_gap", pipeline)):
+                        samples.setdefault(f"{key}/{label}", []).extend(
+                            await closed_loop(call, per_round, c, gap_s)
+                        )
                 for kind in clients_for(c):
                     tag = f"{variant.tag}-c{c}-{kind}-r{r}"
-                    latencies = await clients.run(kind, tag, per_round, c)
+                    latencies, sent = await clients.run(kind, tag, per_round, c)
                     samples.setdefault(f"{key}/grpc_{kind}", []).extend(latencies)
+                    stamps.update(sent)
     await clients.close()
     sys.setswitchinterval(0.005)
     cpu_idle.release()
     result["measured"] = {key: summary(values) for key, values in samples.items()}
+    result["client_stamps"] = stamps
     result["heads"] = heads_timings(extractor, prompts, hidden)
     result["unfinished_after"] = engine.unfinished_requests()
     if torch.cuda.is_available():
@@ -461,6 +481,7 @@ def versions() -> dict[str, str]:
     gpu = nvidia_smi("name,driver_version,memory.total")
     if gpu:
         found["gpu"] = gpu
+    found.update(host_cpu())  # the server's per-request work is CPU time
     return found
 
 
@@ -473,7 +494,8 @@ def settings_args(settings: Settings) -> list[str]:
         "--root", str(settings.root), "-n", str(settings.n), "--warmup", str(settings.warmup),
         "--rounds", str(settings.rounds), "--concurrency", ",".join(map(str, settings.concurrency)),
         "--variants", variants, "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
-        "--max-num-seqs", str(settings.max_num_seqs), *([] if settings.compile else ["--eager"]),
+        "--max-num-seqs", str(settings.max_num_seqs), "--gap-ms", str(settings.gap_ms),
+        *([] if settings.compile else ["--eager"]),
     ]  # fmt: skip
 
 
@@ -486,8 +508,22 @@ def log_lines(log_path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def server_breakdown(log_path: Path) -> dict[str, dict[str, float]]:
-    """p50 of each stage the server logged, per gRPC measurement (variant, concurrency, client)."""
+def wire_times(line: dict[str, Any], stamp: Any) -> tuple[float, float] | None:
+    """(client send -> server handler, server log line -> client receive) in ms, from the client's
+    wall-clock stamps and the server's log line, which is written when the handler is done
+    (``total_ms`` after it began)."""
+    try:
+        logged = datetime.datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
+        sent, received = float(stamp[0]), float(stamp[1])
+        began = logged - float(line["total_ms"]) / 1e3
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return (began - sent) * 1e3, (received - logged) * 1e3
+
+
+def server_breakdown(log_path: Path, stamps: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """p50 of each stage the server logged, per gRPC measurement (variant, concurrency, client),
+    and, where the client stamped its requests, of the time on the way in and on the way out."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for line in log_lines(log_path):
         rid = str(line.get("request_id", ""))
@@ -495,12 +531,15 @@ def server_breakdown(log_path: Path) -> dict[str, dict[str, float]]:
             groups.setdefault(rid.rsplit("-r", 1)[0], []).append(line)
     out: dict[str, dict[str, float]] = {}
     for group, lines in groups.items():
+        found = out.setdefault(group, {})
         for stage in SERVER_STAGES:
             values = [float(x[stage]) for x in lines if stage in x]
             if values:
-                out.setdefault(group, {})[stage.removesuffix("_ms") + "_p50_ms"] = round(
-                    statistics.median(values), 2
-                )
+                found[stage.removesuffix("_ms") + "_p50_ms"] = round(statistics.median(values), 2)
+        wires = [w for x in lines if (w := wire_times(x, stamps.get(str(x["request_id"])))) is not None]
+        if wires:
+            found["wire_in_p50_ms"] = round(statistics.median(w[0] for w in wires), 2)
+            found["wire_out_p50_ms"] = round(statistics.median(w[1] for w in wires), 2)
     return out
 
 
@@ -511,7 +550,7 @@ def run_child(settings: Settings, name: str, log_path: Path, timeout_s: float) -
     for raw in log_path.read_text(errors="replace").splitlines():
         if raw.startswith("RESULT "):
             result: dict[str, Any] = json.loads(raw[7:])
-            result["server"] = server_breakdown(log_path)
+            result["server"] = server_breakdown(log_path, result.pop("client_stamps", {}))
             return result
     raise RuntimeError(f"child exited {proc.returncode} without a result")
 
@@ -585,9 +624,42 @@ def markdown(results: list[dict[str, Any]]) -> str:
         )
     rows.append("")
     rows.append(
-        "ms, p50 / p90 per request, closed loop; variant wN-siM: batch wait N ms, GIL switch interval M ms."
+        "ms, p50 / p90 per request, closed loop; variant wN-siM: batch wait N ms, GIL switch interval M ms"
+        " (-noidle: /dev/cpu_dma_latency held at 0)."
     )
-    return "\n".join(rows + notes) + "\n"
+    return "\n".join(rows + notes + ["", *c1_breakdown(results)]) + "\n"
+
+
+def c1_breakdown(results: list[dict[str, Any]]) -> list[str]:
+    """Where a concurrency-1 gRPC call's time goes: engine and floor back to back and with the
+    pause a gRPC closed loop leaves between requests, the server's own stages, and the wire."""
+    rows = [
+        "Concurrency 1, p50 ms: engine and floor back to back / with a pause between requests; the"
+        " server's logged stages; the wire: client send to handler start, handler end to client"
+        " receive (wall clocks of one host).",
+        "",
+        "| config | variant | engine | engine, pause | floor | floor, pause | gRPC | in server: queue /"
+        " prepare / engine / heads / total | wire in / out |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in results:
+        res = e.get("result", {})
+        measured, server = res.get("measured", {}), res.get("server", {})
+        for key in sorted(k.removesuffix("/engine") for k in measured if k.endswith("/c1/engine")):
+            variant = key.rsplit("/c", 1)[0]
+            logged = server.get(f"{variant}-c1-sync", {})
+
+            def p50(label: str, measured: dict[str, Any] = measured, key: str = key) -> str:
+                return str(measured.get(f"{key}/{label}", {}).get("p50_ms", "—"))
+
+            stages = " / ".join(
+                str(logged.get(f"{s}_p50_ms", "—")) for s in ("queue", "prepare", "engine", "heads", "total")
+            )
+            wire = f"{logged.get('wire_in_p50_ms', '—')} / {logged.get('wire_out_p50_ms', '—')}"
+            cells = [e["config"], variant, p50("engine"), p50("engine_gap"), p50("floor"), p50("floor_gap"),
+                     p50("grpc_sync"), stages, wire]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def main() -> int:
@@ -608,6 +680,10 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--eager", action="store_true", help="no compilation / CUDA graphs")
+    parser.add_argument(
+        "--gap-ms", type=float, default=3.0,
+        help="also time engine and floor at concurrency 1 with this pause between requests (0: not)",
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="a CPU-sized model of the same architecture")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this")
     parser.add_argument("--child-server", help=argparse.SUPPRESS)
@@ -627,6 +703,7 @@ def main() -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         compile=not args.eager,
         max_num_seqs=args.max_num_seqs,
+        gap_ms=args.gap_ms,
     )
     if args.report:  # later files replace earlier entries of the same configuration
         merged: dict[str, dict[str, Any]] = {}
