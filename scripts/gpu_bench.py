@@ -12,6 +12,11 @@ is SERVING, times that one engine three ways, in turns:
 - **gRPC**: the real client (``probeserve_client``) in another process, over loopback: the sync
   ``ProbeClient`` (threads at concurrency > 1) and the ``AsyncProbeClient`` (coroutines).
 
+At concurrency 1 the engine and the floor are also timed with a pause (``--gap-ms``) before each
+request, as the idle spells of a gRPC closed loop leave them, and each gRPC call is split into
+wire in (client send to handler start), the server's logged stages, and wire out (log line to
+client receive), from the client's wall-clock stamps and the server's log lines.
+
 One engine instance for all three removes the 1 to 3 ms that separate two instances of the same
 configuration at batch 1; rounds interleave the three so that drift hits each alike. Each
 *variant* (``--variants``: the inline engine's ``batch_wait_ms`` and Python's GIL switch
