@@ -101,9 +101,8 @@ class ProbeHeads:
         ``hidden`` is [T, d]; ``query_positions`` [S] indexes it; ``utterance`` selects the
         utterance tokens, the only positions a pointer may choose.
         """
-        # Engine outputs may sit in pinned host memory: then the copy to the GPU does not block.
-        hidden = hidden.to(self.device, torch.float32, non_blocking=True)
-        queries = hidden.index_select(0, query_positions.to(self.device, non_blocking=True))  # [S, d]
+        hidden = hidden.to(self.device, torch.float32)
+        queries = hidden.index_select(0, query_positions.to(self.device))  # [S, d]
         candidates = hidden[utterance]  # [N, d]
         if candidates.shape[0] == 0:
             raise ValueError("the utterance has no tokens")
