@@ -57,6 +57,7 @@ lint: setup check-protos check-deploy
 	$(BIN)/ruff format --check server clients tests scripts
 	$(BIN)/mypy
 	$(BIN)/buf lint
+	$(BIN)/lint-imports --no-logo
 
 # No Docker engine runs in CI: hadolint, manifest validation and a dry check of the build steps.
 check-deploy: setup

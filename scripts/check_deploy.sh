@@ -223,7 +223,8 @@ try:
             for entry in (n for n in z.namelist() if n.endswith("entry_points.txt")):
                 scripts |= {ln.split("=")[0].strip() for ln in z.read(entry).decode().splitlines() if "=" in ln}
     print(f"   built {sorted(w.name for w in wheels.glob('*.whl'))}")
-    for needed in ("probeserve/cli.py", "probeserve/server.py",
+    rooms = [f"probeserve/{room}/__init__.py" for room in ("core", "engines", "pairing", "transport")]
+    for needed in ("probeserve/cli.py", "probeserve/transport/server.py", *rooms,
                    "probeserve_client/_proto/probeserve/v1/probe_service_pb2.py"):
         check(needed in names, f"the wheels lack {needed}")
     for script in ("probeserve", "probeserve-client"):

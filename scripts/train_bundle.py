@@ -17,7 +17,7 @@ The recipe, which ``server/probeserve`` serves exactly:
 - loss: cross-entropy of presence over all schema slots + cross-entropy of start and of end over
   the utterance tokens for present slots; LoRA r=16, alpha=32 on q/k/v/o, trained jointly.
 
-Needs torch, transformers, peft and safetensors, plus ``probeserve.spans`` (standard library
+Needs torch, transformers, peft and safetensors, plus ``probeserve.core.spans`` (standard library
 only): it runs where the ``probeserve`` package's dependencies are not installed (the GPU machine).
 """
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-# probeserve.spans and probeserve.checkpoint (which demo_model uses) import only the standard
+# probeserve.core.spans and probeserve.core.checkpoint (which demo_model uses) import only the standard
 # library, so they load on the GPU image too (where probeserve's own dependencies, e.g.
 # structlog, are missing); the spans rule cuts every value.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
@@ -51,7 +51,7 @@ import demo_model
 import xlam_data
 from xlam_data import Example
 
-from probeserve import spans as serving_spans
+from probeserve.core import spans as serving_spans
 
 BUNDLE_NAME = "xlam-smollm2-135m"
 BUNDLE_VERSION = "1.0.0"
@@ -147,7 +147,7 @@ def char_to_token(offsets: Sequence[tuple[int, int]], char: int, first: bool) ->
 
 
 def decode_span(utterance: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> str:
-    """The value the server returns for tokens start..end: probeserve.spans decides, for both."""
+    """The value the server returns for tokens start..end: probeserve.core.spans decides, for both."""
     return serving_spans.decode_span(utterance, offsets, start, end).value
 
 

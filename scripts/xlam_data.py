@@ -22,7 +22,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,35 @@ def load_split(data_dir: Path | None = None) -> tuple[dict[str, Any], list[Examp
     schemas = load_schemas(data_dir)
     train, val = split(load_examples(data_dir, schemas))
     return schemas, train, val
+
+
+Prediction = Mapping[str, str | None]  # slot -> value (None: absent)
+
+
+def score(
+    examples: Sequence[Example], predictions: Sequence[Prediction], schemas: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Exact match over gold-present slots and presence accuracy over all schema slots.
+
+    The one definition every figure uses (evaluate.py, precision_table.py).
+    """
+    gold_present = exact = slots = presence_ok = 0
+    for example, predicted in zip(examples, predictions, strict=True):
+        for slot in sorted(schemas[example.function]["slots"]):
+            gold = example.slots.get(slot)
+            value = predicted.get(slot)
+            slots += 1
+            presence_ok += (gold is not None) == (value is not None)
+            if gold is not None:
+                gold_present += 1
+                exact += value == gold.value
+    return {
+        "exact_match": round(exact / max(gold_present, 1), 4),
+        "presence_accuracy": round(presence_ok / max(slots, 1), 4),
+        "examples": len(examples),
+        "gold_present_slots": gold_present,
+        "schema_slots": slots,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from probeserve.bundle import Bundle, load_bundle
+from probeserve.core.bundle import Bundle, load_bundle
 from probeserve.launcher import RunningServer, start_server
 from probeserve_client import ProbeClient
 from tests.support.tiny_model import TinyArtifacts, make_all

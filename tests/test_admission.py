@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from probeserve.admission import Admission
+from probeserve.transport.admission import Admission
 
 
 def test_try_acquire_refuses_beyond_limit() -> None:

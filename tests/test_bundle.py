@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from probeserve.bundle import load_bundle
-from probeserve.errors import BundleError
+from probeserve.core.bundle import load_bundle
+from probeserve.core.errors import BundleError
 from tests.support.tiny_model import HIDDEN, LORA_RANK, TinyArtifacts
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from probeserve.cli import main
-from probeserve.engine import resolve_precision
+from probeserve.engines.config import resolve_precision
 
 
 def test_missing_directories_are_named(tmp_path: Path) -> None:

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from probeserve.bundle import Bundle
-from probeserve.errors import ProbeError
-from probeserve.extraction import ExtractionRequest, Extractor
-from probeserve.heads import HeadDecisions, HeadOutputs, ProbeHeads
-from probeserve.tokenization import HfPieceTokenizer
+from probeserve.core.bundle import Bundle
+from probeserve.core.errors import ProbeError
+from probeserve.core.extraction import ExtractionRequest, Extractor
+from probeserve.core.heads import HeadDecisions, HeadOutputs, ProbeHeads
+from probeserve.core.tokenization import HfPieceTokenizer
 from tests.support.tiny_model import TinyArtifacts
 
 

@@ -2,7 +2,7 @@
 
 These are unit tests of the scheduling loop alone (vLLM's ``LLMEngine`` replaced by a recorder
 that answers every request in the step that admits it, as the pooling runner does); the real
-engine behind the same loop is exercised by test_lifecycle and scripts/gpu_bench.py.
+engine behind the same loop is exercised by test_lifecycle and scripts/bench/gpu_bench.py.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
-from probeserve.engine import EngineConfig
-from probeserve.errors import ProbeError
-from probeserve.extraction import BatchReader
-from probeserve.inline_engine import InlineEngine
+from probeserve.core.errors import ProbeError
+from probeserve.core.extraction import BatchReader
+from probeserve.engines.config import EngineConfig
+from probeserve.engines.inline import InlineEngine
 
 STEP_S = 0.02  # the stand-in's forward pass
 

@@ -1,4 +1,4 @@
-"""scripts/loadtest.py against the session's server: short bounded runs, closed and open loop.
+"""scripts/bench/loadtest.py against the session's server: short bounded runs, closed and open loop.
 
 The script runs as its own process (its command line is what users run); it talks to the shared
 test server, so no engine is started here.
@@ -17,7 +17,7 @@ import pytest
 from probeserve.launcher import RunningServer
 from tests.support.tiny_model import CORPUS
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench" / "loadtest.py"
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from probeserve import calibration
-from probeserve.bundle import Bundle, load_bundle
-from probeserve.errors import BundleError
-from probeserve.merge import merged_checkpoint
-from probeserve.pairing import Check, function_checks, static_checks
-from probeserve.prompt import PromptBuilder
-from probeserve.reference import ReferenceModel
-from probeserve.tokenization import HfPieceTokenizer
+from probeserve.core.bundle import Bundle, load_bundle
+from probeserve.core.errors import BundleError
+from probeserve.core.prompt import PromptBuilder
+from probeserve.core.tokenization import HfPieceTokenizer
+from probeserve.engines.merge import merged_checkpoint
+from probeserve.pairing import calibration
+from probeserve.pairing.checks import Check, function_checks, static_checks
+from probeserve.pairing.reference import ReferenceModel
 from tests.support.tiny_model import TinyArtifacts, make_heads, make_lookalike
 
 

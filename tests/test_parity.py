@@ -1,6 +1,6 @@
 """Parity: the real server (vLLM engine, gRPC, client) answers exactly as the reference computation.
 
-The reference is the recipe's formulas in plain transformers+peft (probeserve.reference), with
+The reference is the recipe's formulas in plain transformers+peft (probeserve.pairing.reference), with
 its own prompt assembly and per-slot head math. Both run in float32.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from probeserve.bundle import Bundle
-from probeserve.reference import ReferenceModel
+from probeserve.core.bundle import Bundle
+from probeserve.pairing.reference import ReferenceModel
 from probeserve_client import Extraction, ExtractItem, ProbeClient
 from tests.support.tiny_model import TinyArtifacts
 

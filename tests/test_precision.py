@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from probeserve.engine import resolve_precision
-from probeserve.errors import ProbeError
+from probeserve.core.errors import ProbeError
+from probeserve.engines.config import resolve_precision
 from probeserve.launcher import RunningServer, start_server
 from probeserve_client import ProbeClient
 from tests.support import awq

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from probeserve.bundle import Bundle
-from probeserve.prompt import PromptBuilder
-from probeserve.tokenization import HfPieceTokenizer
+from probeserve.core.bundle import Bundle
+from probeserve.core.prompt import PromptBuilder
+from probeserve.core.tokenization import HfPieceTokenizer
 from tests.support.tiny_model import TinyArtifacts
 
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probeserve.spans import decode_span
-from probeserve.tokenization import HfPieceTokenizer
+from probeserve.core.spans import decode_span
+from probeserve.core.tokenization import HfPieceTokenizer
 from tests.support.tiny_model import TinyArtifacts
 
 

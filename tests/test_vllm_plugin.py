@@ -10,7 +10,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
 )
 from vllm.scalar_type import scalar_types
 
-from probeserve.vllm_plugin import dequantize, gemm_wna16
+from probeserve.engines.vllm_plugin import dequantize, gemm_wna16
 
 
 def _kernel_layout(weight: torch.Tensor) -> torch.Tensor:

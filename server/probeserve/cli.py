@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from probeserve.engine import DEFAULT_BATCH_WAIT_MS, PRECISION_DTYPES, PRECISIONS, resolve_precision
-from probeserve.errors import BundleError, ProbeError
+from probeserve.core.errors import BundleError, ProbeError
+from probeserve.engines.config import DEFAULT_BATCH_WAIT_MS, PRECISION_DTYPES, PRECISIONS, resolve_precision
 from probeserve.logs import configure_logging
-from probeserve.pairing import PairingError
-from probeserve.servicer import ServerLimits
+from probeserve.pairing.checks import PairingError
+from probeserve.transport.servicer import ServerLimits
 
 # The demo: a bundle committed in the repository and the base model that `make serve` converts
 # (scripts/demo_model.py). Found relative to this file, so they exist in a checkout only.
@@ -194,7 +194,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from probeserve.server import ServeConfig, TlsConfig, serve
+    from probeserve.transport.server import ServeConfig, TlsConfig, serve
 
     tls = None
     if args.tls_cert or args.tls_key:
@@ -233,7 +233,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _check_pairing(args: argparse.Namespace) -> None:
-    from probeserve.server import ServeConfig, check_pairing
+    from probeserve.transport.server import ServeConfig, check_pairing
 
     try:
         checks = asyncio.run(check_pairing(ServeConfig(**_engine_settings(args)), keep_going=args.keep_going))
@@ -247,7 +247,7 @@ def _check_pairing(args: argparse.Namespace) -> None:
 
 
 def _bundle_pack(args: argparse.Namespace) -> None:
-    from probeserve.pack import pack
+    from probeserve.pairing.pack import pack
 
     try:
         section = pack(args.bundle_dir, args.model, args.calibration, args.examples)

@@ -180,7 +180,7 @@ def make_all(root: Path, pack: bool = True) -> TinyArtifacts:
     make_model(model_dir)
     make_bundle(model_dir, bundle_dir)
     if pack:
-        from probeserve.pack import pack as pack_bundle
+        from probeserve.pairing.pack import pack as pack_bundle
 
         pack_bundle(bundle_dir, model_dir, write_calibration(root / "calibration.jsonl"), len(CALIBRATION))
         set_tolerance(bundle_dir, "awq", min_decision_agreement=AWQ_MIN_DECISION_AGREEMENT)

