@@ -10,9 +10,16 @@ transformers + peft (probeserve.pairing.reference). Definitions, as in the train
 
 - exact match: over slots present in gold, the slot is predicted present and its value equals
   the gold value;
-- presence accuracy: over all schema slots of the examples.
+- presence accuracy: over all schema slots of the examples;
+- reachable ceiling: over slots present in gold, some span of utterance tokens (in the bundle's
+  ``utterance_segmentation`` layout, cut as the server cuts values) is exactly the gold value;
+  no pointer can do better;
+- errors by kind (``xlam_data.error_kind``): extra edge characters, too long, too short, wrong,
+  missed, false presence.
 
-Prints both, and every slot where the server and the reference disagree (presence or value).
+Prints these, and every slot where the server and the reference disagree (presence or value);
+``--errors FILE`` writes every wrong slot (kind, utterance, gold, answer) as JSON lines, to read
+before tuning anything: some gold labels contradict their utterance.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from xlam_data import Example, Prediction, load_split, score
+from xlam_data import ERROR_KINDS, Example, Prediction, errors, load_split, score
 
 from probeserve.cli import DEMO_BUNDLE, DEMO_MODEL
 from probeserve.core.bundle import load_bundle
@@ -61,6 +68,34 @@ def through_reference(bundle_dir: Path, model: Path, examples: Sequence[Example]
     ]
 
 
+def reachable_ceiling(bundle_dir: Path, model: Path, examples: Sequence[Example]) -> dict[str, Any]:
+    """How many gold values some token span of the bundle's prompt layout produces exactly."""
+    from probeserve.core.prompt import PromptBuilder
+    from probeserve.core.spans import decode_span
+    from probeserve.core.tokenization import HfPieceTokenizer
+
+    bundle = load_bundle(bundle_dir)
+    prompts = PromptBuilder.for_bundle(HfPieceTokenizer.from_pretrained(model), bundle)
+    reachable = gold_present = 0
+    for example in examples:
+        if not example.slots:
+            continue
+        offsets = prompts.build(example.function, example.utterance).utterance_offsets
+        values = {
+            decode_span(example.utterance, offsets, i, j).value
+            for i in range(len(offsets))
+            for j in range(i, len(offsets))
+        }
+        gold_present += len(example.slots)
+        reachable += sum(gold.value in values for gold in example.slots.values())
+    return {
+        "utterance_segmentation": bundle.utterance_segmentation,
+        "reachable": reachable,
+        "gold_present_slots": gold_present,
+        "ceiling": round(reachable / max(gold_present, 1), 4),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
@@ -71,6 +106,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="only the first N validation examples")
     parser.add_argument("--no-reference", action="store_true", help="skip the transformers+peft path")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--errors", type=Path, help="write every wrong slot of the server here (JSON lines)")
     args = parser.parse_args()
 
     schemas, _train, validation = load_split(args.data)
@@ -95,6 +131,12 @@ def main() -> int:
         differ = sum(u != s for u, s in zip(unary, streamed, strict=True))
         raise SystemExit(f"unary and streamed answers differ on {differ} examples")
     summary["server"] = score(examples, unary, schemas) | {"unary_seconds": round(unary_s, 1)}
+    wrong = errors(examples, unary, schemas)
+    by_kind = {kind: sum(e["kind"] == kind for e in wrong) for kind in ERROR_KINDS}
+    summary["server"]["errors_by_kind"] = by_kind
+    summary["reachable"] = reachable_ceiling(args.bundle, args.model, examples)
+    if args.errors:
+        args.errors.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in wrong))
 
     if not args.no_reference:
         reference = through_reference(args.bundle, args.model, examples)

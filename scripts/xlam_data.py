@@ -141,6 +141,47 @@ def score(
     }
 
 
+ERROR_KINDS = ("extra_edge_characters", "too_long", "too_short", "wrong", "missed", "false_presence")
+
+
+def error_kind(gold: str | None, predicted: str | None) -> str | None:
+    """What is wrong with one slot's answer, or None when it is right.
+
+    ``extra_edge_characters``: the gold value plus punctuation or whitespace at its edges (what a
+    token that fuses a word with the next mark gives); ``too_long``/``too_short``: the gold value
+    inside the answer, or the answer inside it; ``wrong``: anything else; ``missed`` and
+    ``false_presence``: the presence decision is wrong.
+    """
+    if gold is None:
+        return None if predicted is None else "false_presence"
+    if predicted is None:
+        return "missed"
+    if predicted == gold:
+        return None
+    at = predicted.find(gold)
+    if at >= 0:
+        extra = predicted[:at] + predicted[at + len(gold) :]
+        return "too_long" if any(c.isalnum() for c in extra) else "extra_edge_characters"
+    return "too_short" if predicted in gold else "wrong"
+
+
+def errors(
+    examples: Sequence[Example], predictions: Sequence[Prediction], schemas: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Every wrong slot with its kind, the utterance, the gold and the predicted value."""
+    found = []
+    for example, predicted in zip(examples, predictions, strict=True):
+        for slot in sorted(schemas[example.function]["slots"]):
+            gold = example.slots.get(slot)
+            want = None if gold is None else gold.value
+            kind = error_kind(want, predicted.get(slot))
+            if kind is not None:
+                found.append({"kind": kind, "line": example.line + 1, "function": example.function,
+                              "slot": slot, "gold": want, "predicted": predicted.get(slot),
+                              "utterance": example.utterance})  # fmt: skip
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Show the xLAM train/validation split.")
     parser.add_argument("--data", type=Path, default=None, help="data directory (default: %(default)s)")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from probeserve.core.bundle import Bundle, load_bundle
 from probeserve.launcher import RunningServer, start_server
 from probeserve_client import ProbeClient
-from tests.support.tiny_model import TinyArtifacts, make_all
+from tests.support.tiny_model import TinyArtifacts, make_all, make_layout_bundle
 
 STARTUP_TIMEOUT_S = 300
 
@@ -52,6 +53,29 @@ def server(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Ite
         log_path=tmp_path_factory.mktemp("server") / "server.log",
         probe_function="get_weather",
         extra_args=("--metrics-port", "0"),
+        timeout_s=STARTUP_TIMEOUT_S,
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def word_punct_bundle_dir(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle in the ``word_punct`` utterance layout, packed."""
+    return make_layout_bundle(tiny, tmp_path_factory.mktemp("tiny-word-punct"), "word_punct")
+
+
+@pytest.fixture(scope="session")
+def word_punct_server(
+    tiny: TinyArtifacts, word_punct_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A second real server, on the word_punct bundle (one bundle per server); started on first use."""
+    running = start_server(
+        bundle=word_punct_bundle_dir,
+        model=tiny.model_dir,
+        precision="fp32",
+        log_path=tmp_path_factory.mktemp("server-word-punct") / "server.log",
+        probe_function="get_weather",
         timeout_s=STARTUP_TIMEOUT_S,
     )
     yield running

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,29 @@ def test_loads_pt_bundle(tiny: TinyArtifacts) -> None:
     assert bundle.lora_rank == LORA_RANK
     assert list(bundle.functions) == ["book_flight", "get_weather"]
     assert bundle.functions["book_flight"].slot_names == ("date", "destination", "origin", "passengers")
+    # No utterance_segmentation field, as in a bundle straight from the public recipe.
+    assert "utterance_segmentation" not in json.loads((tiny.bundle_dir / "bundle.json").read_text())
+    assert bundle.utterance_segmentation == "natural"
+
+
+@pytest.mark.parametrize("layout", ["natural", "word_punct"])
+def test_declared_utterance_layout_is_read(tiny: TinyArtifacts, tmp_path: Path, layout: str) -> None:
+    dest = _copy(tiny, tmp_path)
+    manifest = json.loads((dest / "bundle.json").read_text())
+    (dest / "bundle.json").write_text(json.dumps(manifest | {"utterance_segmentation": layout}))
+    assert load_bundle(dest).utterance_segmentation == layout
+
+
+@pytest.mark.parametrize("layout", ["word-punct", "", None, 3])
+def test_unknown_utterance_layout_is_refused_naming_the_field(
+    tiny: TinyArtifacts, tmp_path: Path, layout: object
+) -> None:
+    dest = _copy(tiny, tmp_path)
+    manifest = json.loads((dest / "bundle.json").read_text())
+    (dest / "bundle.json").write_text(json.dumps(manifest | {"utterance_segmentation": layout}))
+    refusal = r"bundle\.json: utterance_segmentation must be one of natural, word_punct"
+    with pytest.raises(BundleError, match=refusal):
+        load_bundle(dest)
 
 
 def test_safetensors_heads_equal_pt_heads(tiny: TinyArtifacts, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_function_checks(
     variant: dict[str, bool],
     expected_failures: list[str],
 ) -> None:
-    prompts = PromptBuilder(HfPieceTokenizer.from_pretrained(tiny.model_dir), tiny_bundle.functions)
+    prompts = PromptBuilder.for_bundle(HfPieceTokenizer.from_pretrained(tiny.model_dir), tiny_bundle)
     engine = _ReferenceEngine(reference, **variant)
     checks = asyncio.run(function_checks(tiny_bundle, prompts, engine, "fp32"))
     failed = _failed(checks)

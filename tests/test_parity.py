@@ -1,14 +1,22 @@
 """Parity: the real server (vLLM engine, gRPC, client) answers exactly as the reference computation.
 
 The reference is the recipe's formulas in plain transformers+peft (probeserve.pairing.reference), with
-its own prompt assembly and per-slot head math. Both run in float32.
+its own prompt assembly and per-slot head math. Both run in float32. Every parity test runs for
+both utterance layouts: the session server's bundle has no ``utterance_segmentation`` field (the
+public recipe's ``natural`` layout), a second server serves the same adapter and heads declared
+``word_punct``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
-from probeserve.core.bundle import Bundle
+from probeserve.core.bundle import load_bundle
+from probeserve.launcher import RunningServer
 from probeserve.pairing.reference import ReferenceModel
 from probeserve_client import Extraction, ExtractItem, ProbeClient
 from tests.support.tiny_model import TinyArtifacts
@@ -22,12 +30,48 @@ CASES = [
     ("get_weather", "Is it raining in 東京?"),
     ("get_weather", "temperature fahrenheit Chicago"),
     ("get_weather", "x"),
+    # Punctuation that byte-level BPE fuses into a word's token: the layouts tokenize these apart.
+    ("get_weather", "What you know is reverse of the string 'Hello, World!'?"),
+    ("book_flight", "Calculate the median of the numbers [3, 5, 7, 9, 11]."),
+    ("book_flight", "It's Maria's flight: Paris to Tokyo, what's the date?"),
 ]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny: TinyArtifacts, tiny_bundle: Bundle) -> ReferenceModel:
-    return ReferenceModel(tiny.model_dir, tiny_bundle)
+@dataclass(frozen=True)
+class Served:
+    layout: str
+    client: ProbeClient
+    reference: ReferenceModel
+
+
+_REFERENCES: dict[str, ReferenceModel] = {}
+
+
+@pytest.fixture(scope="module", params=["natural", "word_punct"])
+def served(request: pytest.FixtureRequest, tiny: TinyArtifacts) -> Iterator[Served]:
+    layout = str(request.param)
+    if layout == "natural":
+        server: RunningServer = request.getfixturevalue("server")
+        bundle_dir = tiny.bundle_dir
+    else:
+        server = request.getfixturevalue("word_punct_server")
+        bundle_dir = request.getfixturevalue("word_punct_bundle_dir")
+    bundle = load_bundle(bundle_dir)
+    assert bundle.utterance_segmentation == layout
+    if layout not in _REFERENCES:
+        _REFERENCES[layout] = ReferenceModel(tiny.model_dir, bundle)
+    with ProbeClient(server.target, timeout=60) as client:
+        yield Served(layout, client, _REFERENCES[layout])
+
+
+@pytest.fixture
+def client(served: Served) -> ProbeClient:
+    return served.client
+
+
+@pytest.fixture
+def reference(served: Served) -> ReferenceModel:
+    return served.reference
 
 
 def _assert_matches_reference(
@@ -91,3 +135,21 @@ def test_batch_and_stream_equal_unary(client: ProbeClient) -> None:
             for x, y in zip(got.slots, u.slots, strict=True):
                 assert (x.token_start, x.token_end) == (y.token_start, y.token_end)
                 assert x.presence_probability == pytest.approx(y.presence_probability, abs=1e-4)
+
+
+def test_layouts_tokenize_fused_punctuation_apart(tiny: TinyArtifacts, word_punct_bundle_dir: Path) -> None:
+    """The word_punct parity runs are evidence only if some of its prompts differ from natural ones.
+
+    The tiny tokenizer learned few merges across punctuation ("'s" is one); the demo model's
+    fuses far more (tests/test_demo_values.py)."""
+    from probeserve.core.prompt import PromptBuilder
+    from probeserve.core.tokenization import HfPieceTokenizer
+
+    tokenizer = HfPieceTokenizer.from_pretrained(tiny.model_dir)
+    natural = PromptBuilder.for_bundle(tokenizer, load_bundle(tiny.bundle_dir))
+    word_punct = PromptBuilder.for_bundle(tokenizer, load_bundle(word_punct_bundle_dir))
+    differing = [
+        (f, u) for f, u in CASES if natural.build(f, u).token_ids != word_punct.build(f, u).token_ids
+    ]
+    assert ("get_weather", "What's the weather in Berlin tomorrow, in celsius please?") in differing
+    assert ("book_flight", "It's Maria's flight: Paris to Tokyo, what's the date?") in differing

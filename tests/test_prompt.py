@@ -13,7 +13,7 @@ def test_prompt_is_concatenation_of_separately_tokenized_pieces(
 ) -> None:
     tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
     utterance = "Book a flight from Paris to Tokyo on March 3rd"
-    prompt = PromptBuilder(tok, tiny_bundle.functions).build("book_flight", utterance)
+    prompt = PromptBuilder.for_bundle(tok, tiny_bundle).build("book_flight", utterance)
 
     expected: list[int] = tok.encode("Function: book_flight\n")
     u0 = len(expected)
@@ -37,7 +37,7 @@ def test_prompt_is_concatenation_of_separately_tokenized_pieces(
 
 def test_query_position_is_last_token_of_slot_marker(tiny: TinyArtifacts, tiny_bundle: Bundle) -> None:
     tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
-    prompt = PromptBuilder(tok, tiny_bundle.functions).build("get_weather", "rain in Oslo?")
+    prompt = PromptBuilder.for_bundle(tok, tiny_bundle).build("get_weather", "rain in Oslo?")
     for slot, q in zip(prompt.slot_names, prompt.query_positions, strict=True):
         marker = tok.encode(f"{slot}:")
         assert prompt.token_ids[q - len(marker) + 1 : q + 1] == marker
@@ -60,3 +60,29 @@ def test_offsets_come_from_the_rust_tokenizer_as_transformers_gives_them(tiny: T
         assert ids == enc["input_ids"]
         assert offsets == [tuple(o) for o in enc["offset_mapping"]]
         assert ids == tok.encode(text)
+
+
+def test_word_punct_prompt_tokenizes_the_utterance_piece_by_piece(
+    tiny: TinyArtifacts, tiny_bundle: Bundle
+) -> None:
+    """The word_punct layout: the utterance cut at word/punctuation boundaries, each piece tokenized
+    alone; every other part of the prompt as in the natural layout, and offsets in the utterance."""
+    tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
+    utterance = "What's 'Hello, World!'?"
+    natural = PromptBuilder.for_bundle(tok, tiny_bundle).build("get_weather", utterance)
+    word_punct = PromptBuilder(tok, tiny_bundle.functions, "word_punct").build("get_weather", utterance)
+
+    pieces = ["What", "'", "s", " '", "Hello", ",", " World", "!", "'", "?"]
+    expected = [i for piece in pieces for i in tok.encode(piece)]
+    ids = word_punct.token_ids[word_punct.utterance_start : word_punct.utterance_end]
+    assert ids == expected
+    # The tiny tokenizer learned "'s" as one token (its corpus has "What's"): natural fuses it.
+    assert ids != natural.token_ids[natural.utterance_start : natural.utterance_end]
+    head, tail = natural.utterance_start, len(natural.token_ids) - natural.utterance_end
+    assert word_punct.token_ids[:head] == natural.token_ids[:head]
+    assert word_punct.token_ids[len(word_punct.token_ids) - tail :] == natural.token_ids[-tail:]
+    # Offsets point into the utterance, and the value without its quotes is a whole-token span.
+    starts = {a for a, _ in word_punct.utterance_offsets}
+    ends = {b for _, b in word_punct.utterance_offsets}
+    begin = utterance.index("Hello")
+    assert begin in starts and begin + len("Hello, World!") in ends

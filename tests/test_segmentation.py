@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probeserve import segmentation
-from probeserve.segmentation import NATURAL, WORD_PUNCT, pieces, tokenize_utterance
-from probeserve.spans import decode_span
+from probeserve.core import segmentation
+from probeserve.core.segmentation import NATURAL, WORD_PUNCT, pieces, tokenize_utterance
+from probeserve.core.spans import decode_span
 
 # GPT-2's pre-tokenizer, one token per pre-token: a run of punctuation is one token and a space
 # joins the next word or punctuation run, as in SmolLM2's "!'" and "]." tokens.

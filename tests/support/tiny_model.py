@@ -146,12 +146,17 @@ def make_heads(seed: int = 2) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def make_bundle(model_dir: Path, bundle_dir: Path) -> None:
+def make_bundle(model_dir: Path, bundle_dir: Path, utterance_segmentation: str | None = None) -> None:
+    """The tiny bundle; without ``utterance_segmentation`` its bundle.json has no such field, as a
+    bundle straight from the public recipe (which means ``natural``)."""
     bundle_dir.mkdir(parents=True, exist_ok=True)
     make_adapter(model_dir, bundle_dir / "lora_adapter")
     torch.save(make_heads(), bundle_dir / "probe_heads.pt")
     (bundle_dir / "function_schemas.json").write_text(json.dumps(SCHEMAS, indent=1))
-    (bundle_dir / "bundle.json").write_text(json.dumps({"name": "tiny", "version": "1"}))
+    manifest = {"name": "tiny", "version": "1"}
+    if utterance_segmentation is not None:
+        manifest["utterance_segmentation"] = utterance_segmentation
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
 
 
 # Utterances for the pairing check's calibration references (`probeserve bundle pack`).
@@ -180,11 +185,24 @@ def make_all(root: Path, pack: bool = True) -> TinyArtifacts:
     make_model(model_dir)
     make_bundle(model_dir, bundle_dir)
     if pack:
-        from probeserve.pairing.pack import pack as pack_bundle
-
-        pack_bundle(bundle_dir, model_dir, write_calibration(root / "calibration.jsonl"), len(CALIBRATION))
-        set_tolerance(bundle_dir, "awq", min_decision_agreement=AWQ_MIN_DECISION_AGREEMENT)
+        pack_tiny(root, model_dir, bundle_dir)
     return TinyArtifacts(model_dir, bundle_dir)
+
+
+def make_layout_bundle(tiny: TinyArtifacts, root: Path, utterance_segmentation: str) -> Path:
+    """The tiny bundle (same adapter and heads) declaring another utterance layout, packed anew:
+    its calibration references are computed in that layout."""
+    bundle_dir = root / "bundle"
+    make_bundle(tiny.model_dir, bundle_dir, utterance_segmentation)
+    pack_tiny(root, tiny.model_dir, bundle_dir)
+    return bundle_dir
+
+
+def pack_tiny(root: Path, model_dir: Path, bundle_dir: Path) -> None:
+    from probeserve.pairing.pack import pack as pack_bundle
+
+    pack_bundle(bundle_dir, model_dir, write_calibration(root / "calibration.jsonl"), len(CALIBRATION))
+    set_tolerance(bundle_dir, "awq", min_decision_agreement=AWQ_MIN_DECISION_AGREEMENT)
 
 
 # The tiny bundle's heads are random, so many of its reference decisions are coin flips (top-2

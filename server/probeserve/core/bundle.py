@@ -5,7 +5,7 @@ A bundle is a directory::
     lora_adapter/             PEFT LoRA directory (adapter_config.json + weights)
     probe_heads.pt            {"null_head": {...}, "pointer_head": {...}}  (or probe_heads.safetensors)
     function_schemas.json     {function: {"name", "description", "slots": {slot: {...}}}}
-    bundle.json               optional manifest: name, version, base model, ...
+    bundle.json               optional manifest: name, version, base model, utterance_segmentation, ...
     pairing.json              optional, from `probeserve bundle pack`: the source model's fingerprints
     calibration.json          optional, likewise: reference head scores for the pairing check
 
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from probeserve.core import segmentation
 from probeserve.core.errors import BundleError
 from probeserve.core.heads import ProbeHeads
 
@@ -78,6 +79,9 @@ class Bundle:
     lora_rank: int
     manifest: Mapping[str, Any] = field(default_factory=dict)
     pairing: Mapping[str, Any] | None = None  # what `bundle pack` recorded of the source model
+    # How the prompt tokenizes the utterance (probeserve.core.segmentation); the bundle's heads
+    # only point right in the layout they were trained with.
+    utterance_segmentation: str = segmentation.DEFAULT_LAYOUT
 
     @property
     def hidden_size(self) -> int:
@@ -170,6 +174,10 @@ def load_bundle(path: str | Path) -> Bundle:
     functions = parse_schemas(_read_json(bundle_dir / SCHEMAS_FILE))
     pairing_path = bundle_dir / PAIRING_FILE
     pairing = _read_json(pairing_path) if pairing_path.is_file() else None
+    try:
+        layout = segmentation.check_layout(manifest.get(segmentation.FIELD, segmentation.DEFAULT_LAYOUT))
+    except ValueError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
     return Bundle(
         path=bundle_dir,
         name=str(manifest.get("name") or bundle_dir.name),
@@ -180,4 +188,5 @@ def load_bundle(path: str | Path) -> Bundle:
         lora_rank=int(adapter_config.get("r", 0)),
         manifest=manifest,
         pairing=pairing,
+        utterance_segmentation=layout,
     )

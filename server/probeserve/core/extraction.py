@@ -119,7 +119,7 @@ class Extractor:
     def __init__(self, bundle: Bundle, tokenizer: PieceTokenizer, engine: HiddenStateEngine) -> None:
         self.bundle = bundle
         self.engine = engine
-        self.prompts = PromptBuilder(tokenizer, bundle.functions)
+        self.prompts = PromptBuilder.for_bundle(tokenizer, bundle)
         # A runtime protocol check costs tens of microseconds: once, not per request.
         self._reads_in_place = isinstance(engine, ReadsInPlace)
 

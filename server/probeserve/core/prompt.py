@@ -4,7 +4,9 @@ Token ids are the concatenation of separately tokenized pieces (no special token
 
     "Function: {function}\\n" | utterance | "\\n\\n" | "{slot_1}:" "\\n" | "{slot_2}:" "\\n" | ...
 
-with slots in sorted name order. A slot's query position is the last token of its ``"{slot}:"``
+with slots in sorted name order. The utterance itself is tokenized in the bundle's
+``utterance_segmentation`` layout (one piece, or cut at word/punctuation boundaries first:
+``probeserve.core.segmentation``). A slot's query position is the last token of its ``"{slot}:"``
 piece; the utterance tokens are the only positions a pointer may choose. Everything but the
 utterance depends on the function alone, so it is tokenized once per function at start-up.
 """
@@ -15,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from probeserve.core.bundle import FunctionSchema
+from probeserve.core import segmentation
+from probeserve.core.bundle import Bundle, FunctionSchema
 
 PROMPT_FORMAT_VERSION = 1
 
@@ -85,9 +88,18 @@ def build_template(tokenizer: PieceTokenizer, schema: FunctionSchema) -> Functio
 class PromptBuilder:
     """Builds prompts for a bundle's functions; templates are made once, at construction."""
 
-    def __init__(self, tokenizer: PieceTokenizer, functions: Mapping[str, FunctionSchema]) -> None:
+    def __init__(
+        self, tokenizer: PieceTokenizer, functions: Mapping[str, FunctionSchema], utterance_segmentation: str
+    ) -> None:
         self._tokenizer = tokenizer
         self._templates = {name: build_template(tokenizer, fn) for name, fn in functions.items()}
+        self.utterance_segmentation = segmentation.check_layout(utterance_segmentation)
+        self._one_piece = utterance_segmentation == segmentation.NATURAL
+
+    @classmethod
+    def for_bundle(cls, tokenizer: PieceTokenizer, bundle: Bundle) -> PromptBuilder:
+        """The prompts of a bundle's functions, in the utterance layout it was trained with."""
+        return cls(tokenizer, bundle.functions, bundle.utterance_segmentation)
 
     def template(self, function: str) -> FunctionTemplate:
         return self._templates[function]
@@ -99,7 +111,12 @@ class PromptBuilder:
 
     def build(self, function: str, utterance: str) -> Prompt:
         template = self._templates[function]
-        utterance_ids, offsets = self._tokenizer.encode_with_offsets(utterance)
+        if self._one_piece:
+            utterance_ids, offsets = self._tokenizer.encode_with_offsets(utterance)
+        else:
+            utterance_ids, offsets = segmentation.tokenize_utterance(
+                utterance, self.utterance_segmentation, self._tokenizer.encode_with_offsets
+            )
         return assemble(template, utterance_ids, offsets)
 
 

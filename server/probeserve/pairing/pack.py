@@ -63,7 +63,7 @@ def pack(bundle_dir: Path, model: Path, utterances: Path, examples: int = DEFAUL
     started = time.perf_counter()
     bundle = load_bundle(bundle_dir)
     rows = read_utterances(utterances, set(bundle.functions), examples)
-    prompts = PromptBuilder(HfPieceTokenizer.from_pretrained(model), bundle.functions)
+    prompts = PromptBuilder.for_bundle(HfPieceTokenizer.from_pretrained(model), bundle)
     reference = ReferenceModel(model, bundle)
     results = []
     for function, utterance in rows:

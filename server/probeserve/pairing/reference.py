@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from probeserve.core.bundle import Bundle
+from probeserve.core.segmentation import pieces
 from probeserve.core.spans import decode_span
 
 
@@ -57,10 +58,20 @@ class ReferenceModel:
         hidden: torch.Tensor = out.last_hidden_state[0].to(torch.float32)
         return hidden
 
+    def _utterance(self, utterance: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The utterance's ids and character offsets in the bundle's layout: each piece through
+        the tokenizer's own call (not the serving path's Rust shortcut), offsets shifted back."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for begin, stop in pieces(utterance, self.bundle.utterance_segmentation):
+            enc = self.tokenizer(utterance[begin:stop], add_special_tokens=False, return_offsets_mapping=True)
+            ids += list(enc["input_ids"])
+            offsets += [(begin + int(a), begin + int(b)) for a, b in enc["offset_mapping"]]
+        return ids, offsets
+
     @torch.no_grad()
     def extract(self, function: str, utterance: str) -> list[ReferenceSlot]:
-        enc = self.tokenizer(utterance, add_special_tokens=False, return_offsets_mapping=True)
-        utt_ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        utt_ids, offsets = self._utterance(utterance)
         ids = self._ids(f"Function: {function}\n")
         u0 = len(ids)
         ids += utt_ids
