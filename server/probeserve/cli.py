@@ -30,6 +30,13 @@ def _default(variable: str, demo: Path) -> Path:
     return Path(os.environ[variable]) if os.environ.get(variable) else demo
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     """The bundle, the model and how the engine runs them: shared by serve and check-pairing."""
     parser.add_argument(
@@ -69,6 +76,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu-memory-utilization", type=float, default=0.5, help="share of GPU memory the engine may take"
     )
+    parser.add_argument(
+        "--tensor-parallel-size", type=_positive_int, default=1,
+        help="shard the model over this many devices (GPUs; on a CPU, worker processes)",
+    )  # fmt: skip
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -190,6 +201,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": not args.compile,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
 
 

@@ -63,14 +63,35 @@ class EngineConfig:
     max_num_seqs: int = 16
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.5
+    # Shards of the model across devices (vLLM's tensor parallelism): the pooled hidden states of
+    # every prompt come back whole from rank 0, in either engine kind.
+    tensor_parallel_size: int = 1
     seed: int = 0
 
 
-def prepare_environment() -> None:
+def prepare_environment(config: EngineConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # The engine core is a child process; forking a process that runs gRPC threads is unsafe.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if config.tensor_parallel_size > 1 and not torch.cuda.is_available():
+        bind = cpu_thread_binding(sorted(os.sched_getaffinity(0)), config.tensor_parallel_size)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+
+
+def cpu_thread_binding(cpus: list[int], ranks: int) -> str:
+    """vLLM-CPU's ``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` workers: the allowed CPUs cut into
+    that many contiguous groups. Its automatic binding gives each rank a NUMA node of its own and
+    refuses to start tensor parallelism on a machine with fewer nodes than ranks."""
+    if ranks > len(cpus):
+        raise ProbeError(f"tensor parallelism over {ranks} CPU workers needs as many CPUs, not {len(cpus)}")
+    size, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        stop = start + size + (rank < extra)
+        groups.append(",".join(str(cpu) for cpu in cpus[start:stop]))
+        start = stop
+    return "|".join(groups)
 
 
 def resolve_precision(precision: str, model: Path | None = None) -> str:
@@ -157,6 +178,7 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         "enforce_eager": config.enforce_eager,
         "enable_prefix_caching": False,
         "gpu_memory_utilization": config.gpu_memory_utilization,
+        "tensor_parallel_size": config.tensor_parallel_size,
         "seed": config.seed,
         "load_format": config.load_format,
     }

@@ -109,6 +109,7 @@ class InlineEngine:
         self._params: Any = None
         self._lora: Any = None
         self._max_model_len = 0
+        self._tensor_parallel_size = 0
         self._hidden_size = 0
         self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._pending: dict[str, _Add] = {}  # the engine thread's alone
@@ -124,7 +125,7 @@ class InlineEngine:
     @classmethod
     def start(cls, config: EngineConfig) -> InlineEngine:
         """Build the engine on its own thread and wait until it is ready (or failed to start)."""
-        prepare_environment()
+        prepare_environment(config)
         # In-process engine core: read by vLLM when the engine is built, so set it first.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         engine = cls(config, engine_kwargs(config))
@@ -136,6 +137,7 @@ class InlineEngine:
         log.info(
             "engine_started", model=engine._kwargs["model"], precision=config.precision,
             lora_mode=config.lora_mode, max_model_len=engine._max_model_len, engine="inline",
+            tensor_parallel_size=engine._tensor_parallel_size,  # as vLLM reports it
         )  # fmt: skip
         return engine
 
@@ -213,6 +215,7 @@ class InlineEngine:
         model_config = self._engine.model_config
         self._max_model_len = int(model_config.max_model_len)
         self._hidden_size = int(model_config.get_hidden_size())
+        self._tensor_parallel_size = int(self._engine.vllm_config.parallel_config.tensor_parallel_size)
         self._params = pooling_params()
         # No adapter slots in the engine (a merged adapter): requests go without a LoRARequest.
         self._lora = lora_request(self.config) if self._kwargs.get("enable_lora") else None

@@ -38,7 +38,7 @@ class VllmEngine:
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (spawns vLLM's engine-core process; call from the main thread)."""
-        prepare_environment()
+        prepare_environment(config)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -48,6 +48,7 @@ class VllmEngine:
         log.info(
             "engine_started", model=kwargs["model"], precision=config.precision,
             lora_mode=config.lora_mode, max_model_len=max_len, engine="process",
+            tensor_parallel_size=int(engine.vllm_config.parallel_config.tensor_parallel_size),
         )  # fmt: skip
         return cls(engine, config, max_len)
 

@@ -74,6 +74,7 @@ class ServeConfig:
     max_num_seqs: int = 16
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
+    tensor_parallel_size: int = 1
     host: str = "127.0.0.1"
     port: int = 50051
     skip_pairing_check: bool = False
@@ -102,6 +103,7 @@ class ServeConfig:
             max_num_seqs=self.max_num_seqs,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
 

@@ -1,0 +1,63 @@
+"""Tensor parallelism on the CPU: ``--tensor-parallel-size 2`` through both engine kinds.
+
+CI has no GPU, but vLLM-CPU shards a model over worker processes the same way (one OpenMP thread
+group per rank). A server started with two ranks must pass the pairing check (its calibration
+references, computed by transformers + peft, are reproduced through the sharded engine and the
+merged adapter) and answer every request as the session's one-rank server does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from probeserve.core.errors import ProbeError
+from probeserve.engines.config import cpu_thread_binding
+from probeserve.launcher import RunningServer, start_server
+from probeserve_client import ProbeClient
+from tests.support.tiny_model import TinyArtifacts
+
+CASES = [
+    ("book_flight", "Book a flight from Paris to Tokyo on March 3rd for two adults."),
+    ("get_weather", "What's the weather in Berlin tomorrow, in celsius please?"),
+    ("book_flight", "Von München nach Zürich am 3. Mai, bitte — für 1 Person 🙂"),
+]
+
+
+def test_cpu_thread_binding_splits_the_allowed_cpus() -> None:
+    assert cpu_thread_binding([0, 1], 2) == "0|1"
+    assert cpu_thread_binding([2, 3, 4, 5, 6], 2) == "2,3,4|5,6"
+    assert cpu_thread_binding([0, 1, 2, 3], 1) == "0,1,2,3"
+    with pytest.raises(ProbeError, match="2 CPU workers needs as many CPUs, not 1"):
+        cpu_thread_binding([0], 2)
+
+
+@pytest.mark.parametrize("engine", ["process", "inline"])
+def test_two_ranks_answer_as_one(
+    engine: str, tiny: TinyArtifacts, server: RunningServer, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "server.log"
+    sharded = start_server(
+        bundle=tiny.bundle_dir,
+        model=tiny.model_dir,
+        precision="fp32",
+        log_path=log_path,
+        extra_args=("--tensor-parallel-size", "2", "--engine", engine),
+        timeout_s=300,
+    )
+    try:
+        lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
+        started = next(x for x in lines if x.get("event") == "engine_started")
+        assert (started["engine"], started["tensor_parallel_size"]) == (engine, 2)
+        assert any(x.get("event") == "pairing_passed" for x in lines)
+        with ProbeClient(sharded.target, timeout=60) as two, ProbeClient(server.target, timeout=60) as one:
+            for function, utterance in CASES:
+                got, want = two.extract(function, utterance), one.extract(function, utterance)
+                assert got.values() == want.values(), utterance
+                for a, b in zip(got.slots, want.slots, strict=True):
+                    assert (a.present, a.token_start, a.token_end) == (b.present, b.token_start, b.token_end)
+                    assert a.presence_probability == pytest.approx(b.presence_probability, abs=1e-4)
+    finally:
+        sharded.stop()
