@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from probeserve.core.errors import BundleError, ProbeError
-from probeserve.engines.config import DEFAULT_BATCH_WAIT_MS, PRECISION_DTYPES, PRECISIONS, resolve_precision
+from probeserve.engines.config import (
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_EAGER,
+    DEFAULT_ENGINE,
+    ENGINE_KINDS,
+    PRECISION_DTYPES,
+    PRECISIONS,
+    resolve_precision,
+)
 from probeserve.logs import configure_logging
 from probeserve.pairing.checks import PairingError
 from probeserve.transport.servicer import ServerLimits
@@ -58,7 +66,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "without LoRA; adapter: apply it per request; auto: merged at full precision, adapter at awq",
     )  # fmt: skip
     parser.add_argument(
-        "--engine", choices=["process", "inline"], default="process",
+        "--engine", choices=ENGINE_KINDS, default=DEFAULT_ENGINE,
         help="process: vLLM's engine core in its own process; inline: in this process, driven by a "
         "thread (no hidden states cross processes)",
     )  # fmt: skip
@@ -80,11 +88,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", type=_positive_int, default=1,
         help="shard the model over this many devices (GPUs; on a CPU, worker processes)",
     )  # fmt: skip
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="let vLLM compile the model and capture CUDA graphs (slower start, faster steady state)",
-    )
+    compiled, eager = ("", " (the default)") if DEFAULT_EAGER else (" (the default)", "")
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--compile", dest="eager", action="store_false", default=DEFAULT_EAGER,
+        help="let vLLM compile the model (torch.compile; CUDA graphs on a GPU): a slower first start, "
+        f"faster requests{compiled}",
+    )  # fmt: skip
+    speed.add_argument(
+        "--eager", dest="eager", action="store_true",
+        help=f"run the model eagerly: a fast start, slower requests{eager}",
+    )  # fmt: skip
 
 
 def _add_log_args(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +214,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
         "gpu_memory_utilization": args.gpu_memory_utilization,
-        "enforce_eager": not args.compile,
+        "enforce_eager": args.eager,
         "tensor_parallel_size": args.tensor_parallel_size,
     }
 

@@ -39,6 +39,10 @@ CUDA_GRAPH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Inline engine: how long an idle engine may wait to keep a burst in one step. On the H200, 8
 # gRPC clients' calls arrive 3-5 ms apart; 2 ms still split them (BENCHMARKS.md, GPU).
 DEFAULT_BATCH_WAIT_MS = 5.0
+# What `probeserve serve` starts with no tuning flags (BENCHMARKS.md, "Defaults"; scripts/bench/defaults.py).
+DEFAULT_EAGER = True
+DEFAULT_ENGINE = "process"
+ENGINE_KINDS = ("process", "inline")
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,14 @@ class EngineConfig:
     lora_mode: str = "adapter"
     # In-process engine driven by one thread (probeserve.engines.inline) instead of vLLM's
     # engine-core process: no hidden states cross a process boundary.
-    inline: bool = False
+    inline: bool = DEFAULT_ENGINE == "inline"
     # Inline engine only: when the engine is idle and fewer requests are waiting than its last
     # step answered, wait up to this long for the rest before the next step (0: never wait).
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shape (benchmarks)
     max_model_len: int = 512
     max_num_seqs: int = 16
-    enforce_eager: bool = True
+    enforce_eager: bool = DEFAULT_EAGER
     gpu_memory_utilization: float = 0.5
     # Shards of the model across devices (vLLM's tensor parallelism): the pooled hidden states of
     # every prompt come back whole from rank 0, in either engine kind.

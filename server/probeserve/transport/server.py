@@ -26,7 +26,14 @@ from grpc_reflection.v1alpha import reflection
 from probeserve.core.bundle import Bundle, load_bundle
 from probeserve.core.extraction import ExtractionRequest, Extractor
 from probeserve.core.tokenization import HfPieceTokenizer
-from probeserve.engines.config import DEFAULT_BATCH_WAIT_MS, EngineConfig, ServingEngine, engine_version
+from probeserve.engines.config import (
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_EAGER,
+    DEFAULT_ENGINE,
+    EngineConfig,
+    ServingEngine,
+    engine_version,
+)
 from probeserve.engines.start import start_engine
 from probeserve.pairing.checks import Check, PairingError, function_checks, raise_on_failure, static_checks
 from probeserve.transport.auth import BearerTokenInterceptor
@@ -67,13 +74,13 @@ class ServeConfig:
     model: Path
     precision: str = "bf16"
     lora_mode: str = "adapter"
-    inline: bool = False
+    inline: bool = DEFAULT_ENGINE == "inline"
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     load_format: str = "auto"
     max_model_len: int = 512
     max_num_seqs: int = 16
     gpu_memory_utilization: float = 0.5
-    enforce_eager: bool = True
+    enforce_eager: bool = DEFAULT_EAGER
     tensor_parallel_size: int = 1
     host: str = "127.0.0.1"
     port: int = 50051
