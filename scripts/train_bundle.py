@@ -8,7 +8,9 @@ The recipe, which ``server/probeserve`` serves exactly:
 - prompt: token ids are the concatenation of separately tokenized pieces (no special tokens):
   ``"Function: {function}\\n"``, the utterance, ``"\\n\\n"``, then for every schema slot in sorted
   name order ``"{slot}:"`` and ``"\\n"``; a slot's query position is the last token of its
-  ``"{slot}:"`` piece;
+  ``"{slot}:"`` piece; the utterance is itself tokenized in the pieces of the bundle's
+  ``utterance_segmentation`` (``probeserve.core.segmentation``: ``natural``, one piece, or
+  ``word_punct``, cut at word/punctuation boundaries so that punctuation-free values are reachable);
 - hidden states: the decoder's final-layer output after the final norm, not normalised;
 - NullHead: ``Linear(d, 2)`` on ``H[q]``, logits ``[present, absent]``;
 - PointerHead: ``s_t = (W_start H[q]) . H[t] / sqrt(d)`` over utterance tokens, likewise ``W_end``;
@@ -17,8 +19,9 @@ The recipe, which ``server/probeserve`` serves exactly:
 - loss: cross-entropy of presence over all schema slots + cross-entropy of start and of end over
   the utterance tokens for present slots; LoRA r=16, alpha=32 on q/k/v/o, trained jointly.
 
-Needs torch, transformers, peft and safetensors, plus ``probeserve.core.spans`` (standard library
-only): it runs where the ``probeserve`` package's dependencies are not installed (the GPU machine).
+Needs torch, transformers, peft and safetensors, plus ``probeserve.core.spans`` and
+``probeserve.core.segmentation`` (standard library only): it runs where the ``probeserve``
+package's dependencies are not installed (the GPU machine).
 """
 
 from __future__ import annotations
@@ -42,15 +45,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-# probeserve.core.spans and probeserve.core.checkpoint (which demo_model uses) import only the standard
-# library, so they load on the GPU image too (where probeserve's own dependencies, e.g.
-# structlog, are missing); the spans rule cuts every value.
+# probeserve.core's spans, segmentation and checkpoint (which demo_model uses) import only the
+# standard library, so they load on the GPU image too (where probeserve's own dependencies, e.g.
+# structlog, are missing); the spans rule cuts every value, and the segmentation rule tokenizes
+# every utterance, as the server does.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_model
 import xlam_data
 from xlam_data import Example
 
+from probeserve.core import segmentation
 from probeserve.core import spans as serving_spans
 
 BUNDLE_NAME = "xlam-smollm2-135m"
@@ -79,12 +84,18 @@ class Encoded:
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer: Any, schemas: dict[str, Any]) -> None:
+    def __init__(self, tokenizer: Any, schemas: dict[str, Any], layout: str) -> None:
         if not tokenizer.is_fast:
             raise SystemExit("a fast tokenizer (tokenizer.json) is needed for offsets")
         self.tok = tokenizer
         self.schemas = schemas
+        self.layout = segmentation.check_layout(layout)
         self._templates: dict[str, tuple[list[int], list[int], list[int]]] = {}
+
+    def piece(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """One utterance piece's ids and offsets: the Rust tokenizer, as the server calls it."""
+        enc = self.tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
 
     def ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -105,9 +116,7 @@ class PromptEncoder:
 
     def encode(self, ex: Example) -> Encoded:
         header, suffix, query_offsets = self.template(ex.function)
-        enc = self.tok(ex.utterance, add_special_tokens=False, return_offsets_mapping=True)
-        utt_ids = list(enc["input_ids"])
-        offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+        utt_ids, offsets = segmentation.tokenize_utterance(ex.utterance, self.layout, self.piece)
         u0, u1 = len(header), len(header) + len(utt_ids)
         slots = xlam_data.slot_names(self.schemas, ex.function)
         present, starts, ends = [], [], []
@@ -149,6 +158,27 @@ def char_to_token(offsets: Sequence[tuple[int, int]], char: int, first: bool) ->
 def decode_span(utterance: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> str:
     """The value the server returns for tokens start..end: probeserve.core.spans decides, for both."""
     return serving_spans.decode_span(utterance, offsets, start, end).value
+
+
+def reachable_ceiling(data: Sequence[Encoded]) -> dict[str, Any]:
+    """How many gold values some utterance token span decodes to exactly: the best exact match
+    any pointer can reach in this layout (byte-level BPE fuses punctuation into tokens)."""
+    n_gold = hits = 0
+    for e in data:
+        utterance, offsets, n = e.example.utterance, e.offsets, len(e.offsets)
+        for j, slot in enumerate(e.slots):
+            if not e.present[j]:
+                continue
+            n_gold += 1
+            gold = e.example.slots[slot].value
+            hits += any(decode_span(utterance, offsets, s, t) == gold for s in range(n) for t in range(s, n))
+    return {
+        "value": hits / max(n_gold, 1),
+        "reachable": hits,
+        "gold_present_slots": n_gold,
+        "definition": "over slots present in gold: some utterance token span decodes to the gold value "
+        "exactly (probeserve.core.spans.decode_span) in the bundle's utterance_segmentation",
+    }
 
 
 # --------------------------------------------------------------------------- heads
@@ -413,12 +443,33 @@ def resolve_model(arg: Path | None) -> tuple[Path, dict[str, Any]]:
     return model_dir, manifest
 
 
+def bundle_layout(bundle: Path, requested: str | None) -> str:
+    """The bundle's declared utterance segmentation (absent: the recipe's ``natural``)."""
+    manifest = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
+    try:
+        layout = segmentation.check_layout(manifest.get(segmentation.FIELD, segmentation.DEFAULT_LAYOUT))
+    except ValueError as exc:
+        raise SystemExit(f"{bundle / 'bundle.json'}: {exc}") from None
+    if requested is not None and requested != layout:
+        raise SystemExit(f"--utterance-segmentation {requested}, but {bundle} was trained with {layout}")
+    return layout
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train or evaluate a probe bundle on the xLAM slot data.")
     p.add_argument("--model", type=Path, default=None, help="converted model dir (default: demo model)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: --model's)")
     p.add_argument("--data", type=Path, default=None, help="xLAM data dir (default: ../shared/data/xlam)")
     p.add_argument("--out", type=Path, default=Path("bundles") / BUNDLE_NAME)
+    p.add_argument("--name", default=BUNDLE_NAME, help="the bundle's name in bundle.json")
+    p.add_argument("--bundle-version", default=BUNDLE_VERSION, help="the bundle's version in bundle.json")
+    p.add_argument(
+        "--utterance-segmentation",
+        choices=segmentation.LAYOUTS,
+        default=None,
+        help=f"how the utterance is tokenized (default {segmentation.DEFAULT_LAYOUT}; --eval-only: "
+        "the bundle's)",
+    )
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the LoRA weights")
     p.add_argument(
@@ -463,18 +514,28 @@ def main(argv: list[str] | None = None) -> int:
     schemas, train_ex, val_ex = xlam_data.load_split(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or model_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    enc = PromptEncoder(tokenizer, schemas)
-    val = [enc.encode(e) for e in val_ex[: args.max_val]]
-
+    layout = args.utterance_segmentation or segmentation.DEFAULT_LAYOUT
     if args.eval_only:
         if args.bundle is None:
             raise SystemExit("--eval-only needs --bundle")
+        layout = bundle_layout(args.bundle, args.utterance_segmentation)
+    enc = PromptEncoder(tokenizer, schemas, layout)
+    val = [enc.encode(e) for e in val_ex[: args.max_val]]
+    ceiling = reachable_ceiling(val)
+    print(
+        f"utterance_segmentation={layout}: reachable ceiling on validation {ceiling['value']:.4f}", flush=True
+    )
+
+    if args.eval_only:
+        assert args.bundle is not None
         model = load_model(model_dir, device, args.bundle / "lora_adapter", 0.0)
         d = model.get_base_model().config.hidden_size
         heads = load_heads_file(args.bundle / "probe_heads.safetensors", d).to(device)
         t0 = time.monotonic()
         metrics = evaluate(model, heads, val, pad_id, device, args.precision)
         metrics["seconds"] = round(time.monotonic() - t0, 1)
+        metrics["utterance_segmentation"] = layout
+        metrics["reachable_ceiling"] = ceiling
         print(json.dumps(metrics, indent=2))
         return 0
 
@@ -506,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     print(
         f"device={device} train={len(train)} val={len(val)} steps={total_steps} "
-        f"lr={args.lr} head_lr={head_lr} epochs={args.epochs} batch={args.batch_size}",
+        f"lr={args.lr} head_lr={head_lr} epochs={args.epochs} batch={args.batch_size} "
+        f"utterance_segmentation={layout}",
         flush=True,
     )
 
@@ -573,8 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     )
     manifest = {
-        "name": BUNDLE_NAME,
-        "version": BUNDLE_VERSION,
+        "name": args.name,
+        "version": args.bundle_version,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "base_model": {
             "id": demo_model.MODEL_ID,
@@ -585,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "hidden_size": d,
         "prompt_format_version": PROMPT_FORMAT_VERSION,
+        segmentation.FIELD: layout,
         "lora": {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "target_modules": TARGET_MODULES},
         "training_data": {
             "file": f"shared/data/xlam/{xlam_data.TRAIN_FILE}",
@@ -619,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                 "presence_accuracy": "over all schema slots of the validation examples",
             },
             **{key: {k: m[k] for k in m if k != "sample_errors"} for key, m in metrics.items()},
+            "reachable_ceiling": ceiling,
             "history": history,
         },
         "training": {
