@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e clients/python -e '.[cpu,dev,demo]'
+	$(BIN)/pip install --quiet -e 'clients/python[loadtest]' -e '.[cpu,dev,demo]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 	touch $@
 
