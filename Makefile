@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve demo-model test test-ts lint protos check-protos check-deploy clean awq-env demo-awq ts-deps
+.PHONY: setup serve demo-model test test-ts lint protos check-protos check-breaking check-deploy clean awq-env demo-awq ts-deps
 
 setup: $(STAMP)
 
@@ -68,13 +68,23 @@ test: setup awq-env ts-deps lint
 test-ts: setup ts-deps
 	cd $(TS_DIR) && PROBESERVE_PYTHON=$(abspath $(BIN))/python npm test
 
-lint: setup ts-deps check-protos check-deploy
+lint: setup ts-deps check-protos check-breaking check-deploy
 	$(BIN)/ruff check server clients tests scripts
 	$(BIN)/ruff format --check server clients tests scripts
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/lint-imports --no-logo
 	cd $(TS_DIR) && npx tsc -p . --noEmit
+
+# probeserve.v1 stays compatible with every released API: proto/releases/ holds an image of the
+# proto as each version was released (`buf build -o proto/releases/vX.Y.Z.binpb` at release).
+API_RELEASES := $(wildcard proto/releases/*.binpb)
+
+check-breaking: setup
+	@for image in $(API_RELEASES); do \
+		echo "buf breaking --against $$image"; \
+		$(BIN)/buf breaking --against $$image || exit 1; \
+	done
 
 # No Docker engine runs in CI: hadolint, manifest validation and a dry check of the build steps.
 check-deploy: setup
