@@ -83,10 +83,11 @@ class Progress:
             self._stream.write(line + "\n")
         self._stream.flush()
 
-    def done(self) -> None:
-        if self._tty and self._width:
-            self._stream.write("\n")
-            self._stream.flush()
+    def done(self, recorder: Recorder, elapsed_s: float) -> None:
+        """The final line: the run's counts once every call in flight has ended."""
+        line = progress_line(recorder, elapsed_s, self._duration_s)
+        self._stream.write(("\r" + line.ljust(self._width) if self._tty else line) + "\n")
+        self._stream.flush()
 
 
 def missing_extras(plot: bool) -> list[str]:
@@ -109,7 +110,7 @@ async def _load(
             source = f"GetInfo: one utterance per function of {settings.bundle or 'the default bundle'}"
         run = await run_load(client, settings, items, on_progress=progress)
     if progress is not None:
-        progress.done()
+        progress.done(run.measured, run.elapsed_s)
     return build_report(
         target=args.target,
         settings=settings,

@@ -358,7 +358,8 @@ async def run_load(
     on_progress: Callable[[Recorder, float], None] | None = None,
     progress_every_s: float = 1.0,
 ) -> LoadRun:
-    """Warm up, then put the load on; ``on_progress(recorder, elapsed_s)`` is called meanwhile."""
+    """Warm up, then put the load on; ``on_progress(recorder, elapsed_s)`` is called every
+    ``progress_every_s`` meanwhile. Returns once every call has ended."""
     settings.check()
     if not items:
         raise ValueError("no items to send")
@@ -403,6 +404,4 @@ async def run_load(
     finally:
         if progress is not None:
             progress.cancel()
-    if on_progress is not None:
-        on_progress(recorder, elapsed)
     return LoadRun(warm, recorder, elapsed)
