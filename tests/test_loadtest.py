@@ -156,14 +156,16 @@ def test_counts_add_up_when_calls_are_refused_and_dropped(
     small_server: RunningServer, inputs: Path, tmp_path: Path
 ) -> None:
     """Open loop faster than two in flight can answer: refusals, drops, and every call counted once."""
+    # A batch of 4 takes both of the server's slots, so any two batches that overlap: one refused.
     report, printed = loadtest(
-        small_server.target, tmp_path / "refused.json", "--inputs", str(inputs),
-        "--rate", "150", "--max-outstanding", "4", "--duration", "2", "--warmup", "0",
+        small_server.target, tmp_path / "refused.json", "--inputs", str(inputs), "--mode", "batch",
+        "--batch-size", "4", "--rate", "150", "--max-outstanding", "4", "--duration", "2", "--warmup", "0",
     )  # fmt: skip
-    check_accounting(report, 1)
-    assert report["call_errors_by_code"].get("RESOURCE_EXHAUSTED", 0) > 0
-    assert set(report["call_errors_by_code"]) == {"RESOURCE_EXHAUSTED"}
-    assert report["calls"]["answered"] > 0
+    check_accounting(report, 4)
+    refused = report["call_errors_by_code"].get("RESOURCE_EXHAUSTED", 0)
+    assert refused > 0 and set(report["call_errors_by_code"]) == {"RESOURCE_EXHAUSTED"}
+    assert report["errors_by_code"] == {"RESOURCE_EXHAUSTED": 4 * refused}  # a refused call fails its items
+    assert report["calls"]["answered"] > 0 and report["in_band_errors_by_code"] == {}
     assert "[RESOURCE_EXHAUSTED]" in printed
 
     # One outstanding call at a time: no refusals, but arrivals during a call are dropped.
