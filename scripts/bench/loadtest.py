@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--spawn", action="store_true", help="start a server for the run, stop it after")
     parser.add_argument("--server-bundle", type=Path, help="with --spawn: bundle directory (default: demo's)")
-    parser.add_argument("--model", type=Path, help="with --spawn: model directory (default: the demo's)")
+    parser.add_argument("--model", type=Path, help="with --spawn: model directory (default: demo's)")
     parser.add_argument("--precision", default="auto", help="with --spawn (default: auto)")
     parser.add_argument("--data", type=Path, help="data directory of the validation split (default inputs)")
     return parser
