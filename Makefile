@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve demo-model test lint protos check-protos check-deploy clean awq-env demo-awq
+.PHONY: setup serve demo-model test test-ts lint protos check-protos check-breaking check-deploy clean awq-env demo-awq ts-deps
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e clients/python -e '.[cpu,dev,demo]'
+	$(BIN)/pip install --quiet -e 'clients/python[loadtest]' -e '.[cpu,dev,demo]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 	touch $@
 
@@ -48,26 +48,53 @@ demo-awq: demo-model awq-env
 	$(AWQ_VENV)/bin/python scripts/quantize_awq.py \
 		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq
 
-# The AWQ tool env too: tests/test_precision.py quantizes the tiny test model with it.
-test: setup awq-env lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+# The TypeScript SDK's dependencies (its generator, protoc-gen-es, among them), exactly as its
+# committed package-lock.json says.
+TS_DIR   := clients/typescript
+TS_STAMP := $(TS_DIR)/node_modules/.installed
 
-lint: setup check-protos check-deploy
+ts-deps: $(TS_STAMP)
+
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+# The AWQ tool env too: tests/test_precision.py quantizes the tiny test model with it. Then the
+# TypeScript SDK's tests, which start their own tiny-model server (clients/typescript/README.md).
+test: setup awq-env ts-deps lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) test-ts
+
+test-ts: setup ts-deps
+	cd $(TS_DIR) && PROBESERVE_PYTHON=$(abspath $(BIN))/python npm test
+
+lint: setup ts-deps check-protos check-breaking check-deploy
 	$(BIN)/ruff check server clients tests scripts
 	$(BIN)/ruff format --check server clients tests scripts
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/lint-imports --no-logo
+	cd $(TS_DIR) && npx tsc -p . --noEmit
+
+# probeserve.v1 stays compatible with every released API: proto/releases/ holds an image of the
+# proto as each version was released (`buf build -o proto/releases/vX.Y.Z.binpb` at release).
+API_RELEASES := $(wildcard proto/releases/*.binpb)
+
+check-breaking: setup
+	@for image in $(API_RELEASES); do \
+		echo "buf breaking --against $$image"; \
+		$(BIN)/buf breaking --against $$image || exit 1; \
+	done
 
 # No Docker engine runs in CI: hadolint, manifest validation and a dry check of the build steps.
 check-deploy: setup
 	BIN=$(BIN) bash scripts/check_deploy.sh
 
-protos: setup
+protos: setup ts-deps
 	$(BIN)/python scripts/generate_protos.py
 
-check-protos: setup
+check-protos: setup ts-deps
 	$(BIN)/python scripts/generate_protos.py --check
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(TS_DIR)/node_modules $(TS_DIR)/dist

@@ -100,6 +100,18 @@ def test_stream_keeps_order_and_reports_bad_items_in_band(client: ProbeClient) -
             assert [s.name for s in result.extraction.slots] == ["city", "unit"]
 
 
+def test_items_without_ids_get_one_whether_they_succeed_or_fail(client: ProbeClient) -> None:
+    """A failed batch or stream item carries the id the server assigned it, as a good one does."""
+    items = [("get_weather", "sun in Rome"), ("nope", "sun in Rome"), ("get_weather", "")]
+    streamed = list(client.stream(items))
+    batched = client.extract_batch(items)
+    for results in (streamed, batched):
+        assert [r.ok for r in results] == [True, False, False]
+        ids = [r.request_id for r in results]
+        assert all(len(i) == 32 for i in ids) and len(set(ids)) == 3
+        assert results[0].extraction is not None and results[0].extraction.request_id == ids[0]
+
+
 def test_batch_reports_bad_items_in_band(client: ProbeClient) -> None:
     results = client.extract_batch(
         [("get_weather", "sun in Rome"), ("get_weather", ""), ("book_flight", "to Rome")]

@@ -13,7 +13,6 @@ trained on, in file order, or a fixed-seed sample of them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import sys
@@ -29,6 +28,8 @@ for _path in (SCRIPTS, SCRIPTS / "bench" / "gpu"):
 
 from xlam_data import load_split  # noqa: E402
 
+from probeserve_client import read_items  # noqa: E402
+
 MIB = 1 << 20
 
 
@@ -41,20 +42,8 @@ class Utterance:
 
 
 def read_jsonl(path: Path) -> list[Utterance]:
-    """Every non-empty line of ``path``; raises ``ValueError`` naming the line on a bad one."""
-    items: list[Utterance] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                items.append(Utterance(str(obj["function"]), str(obj["utterance"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number}: expected {{'function': ..., 'utterance': ...}}") from exc
-    if not items:
-        raise ValueError(f"{path}: no utterances")
-    return items
+    """Every non-empty line of ``path`` (the client's reader); ``ValueError`` names a bad line."""
+    return [Utterance(item.function, item.utterance) for item in read_items(path)]
 
 
 def validation_utterances(data_dir: Path | None = None) -> list[Utterance]:

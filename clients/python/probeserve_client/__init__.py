@@ -9,6 +9,7 @@ with ProbeClient("localhost:50051") as client:
 
 from probeserve_client._client import AsyncProbeClient, AsyncResultStream, ProbeClient, ResultStream
 from probeserve_client._errors import ProbeServeError
+from probeserve_client._inputs import parse_items, read_items
 from probeserve_client._types import (
     BundleInfo,
     Extraction,
@@ -38,4 +39,6 @@ __all__ = [
     "ServerInfo",
     "Slot",
     "SlotInfo",
+    "parse_items",
+    "read_items",
 ]

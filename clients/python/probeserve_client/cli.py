@@ -3,6 +3,7 @@
 probeserve-client --target localhost:50051 extract book_flight "Fly me to Rome on May 2nd"
 probeserve-client stream < items.jsonl      # lines of {"function": ..., "utterance": ...}
 probeserve-client info | health
+probeserve-client loadtest --target HOST:PORT --rate 20 --duration 10 --out r.json --plot r.png
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import sys
 from typing import Any
 
 from probeserve_client._client import ProbeClient
+from probeserve_client._connection import add_connection_arguments, client_kwargs
 from probeserve_client._errors import ProbeServeError
-from probeserve_client._types import ExtractItem
+from probeserve_client._inputs import parse_items
+from probeserve_client.loadtest import _cli as loadtest_cli
 
 
 def _jsonable(obj: Any) -> Any:
@@ -28,38 +31,44 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _items(stream: Any) -> list[ExtractItem]:
-    items = []
-    for line in stream:
-        if line.strip():
-            row = json.loads(line)
-            items.append(ExtractItem(row["function"], row["utterance"], str(row.get("request_id", ""))))
-    return items
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="probeserve-client", description=(__doc__ or "").splitlines()[0])
+    add_connection_arguments(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=what, description=what)
+        add_connection_arguments(sub, defaults=False)
+        return sub
+
+    extract = command("extract", "extract the slots of one utterance")
+    extract.add_argument("function")
+    extract.add_argument("utterance")
+    extract.add_argument("--bundle", default="", help="bundle to ask for (default: the server's default)")
+    command("batch", "extract JSONL items from stdin in one call")
+    command("stream", "stream JSONL items from stdin, print results as they come")
+    command("info", "describe the server")
+    command("health", "print the health status")
+    loadtest = command("loadtest", "put closed- or open-loop load on a server; print a report")
+    loadtest_cli.add_arguments(loadtest)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="probeserve-client", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="localhost:50051")
-    parser.add_argument("--timeout", type=float, default=30.0)
-    commands = parser.add_subparsers(dest="command", required=True)
-    extract = commands.add_parser("extract", help="extract the slots of one utterance")
-    extract.add_argument("function")
-    extract.add_argument("utterance")
-    commands.add_parser("batch", help="extract JSONL items from stdin in one call")
-    commands.add_parser("stream", help="stream JSONL items from stdin, print results as they come")
-    commands.add_parser("info", help="describe the server")
-    commands.add_parser("health", help="print the health status")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        with ProbeClient(args.target, timeout=args.timeout) as client:
+        if args.command == "loadtest":
+            sys.exit(loadtest_cli.main(args))
+        with ProbeClient(args.target, **client_kwargs(args)) as client:
             if args.command == "extract":
-                print(json.dumps(_jsonable(client.extract(args.function, args.utterance)), indent=2))
+                result = client.extract(args.function, args.utterance, bundle=args.bundle)
+                print(json.dumps(_jsonable(result), indent=2))
             elif args.command == "batch":
-                for result in client.extract_batch(_items(sys.stdin)):
-                    print(json.dumps(_jsonable(result)))
+                for item in client.extract_batch(parse_items(sys.stdin, "stdin")):
+                    print(json.dumps(_jsonable(item)))
             elif args.command == "stream":
-                for result in client.stream(_items(sys.stdin)):
-                    print(json.dumps(_jsonable(result)), flush=True)
+                for item in client.stream(parse_items(sys.stdin, "stdin")):
+                    print(json.dumps(_jsonable(item)), flush=True)
             elif args.command == "info":
                 print(json.dumps(_jsonable(client.info()), indent=2))
             else:
@@ -67,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     except ProbeServeError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

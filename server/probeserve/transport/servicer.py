@@ -9,6 +9,7 @@ applied in one place (:meth:`ProbeServicer._run_item`) for unary, batch and stre
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import structlog
 from probeserve import __version__
 from probeserve.core.bundle import Bundle
 from probeserve.core.errors import EngineUnavailableError, ErrorKind, InvalidRequestError, ProbeError
-from probeserve.core.extraction import Extraction, ExtractionRequest, Extractor, new_request_id
+from probeserve.core.extraction import Extraction, Extractor, new_request_id
 from probeserve.transport import messages
 from probeserve.transport.admission import Admission
 from probeserve.transport.metrics import Metrics
@@ -117,12 +118,15 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
             )
 
     async def _run_item(
-        self, request: pb.ExtractRequest, rpc: str, context: Context[Any, Any], arrived: float
+        self,
+        request: pb.ExtractRequest,
+        request_id: str,
+        rpc: str,
+        context: Context[Any, Any],
+        arrived: float,
     ) -> Extraction:
         """Run one admitted item through the pipeline; log one line and record its metrics."""
-        core = messages.to_core(request)
-        if not core.request_id:
-            core = ExtractionRequest(core.function, core.utterance, new_request_id(), core.bundle)
+        core = dataclasses.replace(messages.to_core(request), request_id=request_id)
         fields: dict[str, Any] = {
             "rpc": rpc,
             "request_id": core.request_id,
@@ -175,14 +179,17 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
     async def _result(
         self, request: pb.ExtractRequest, rpc: str, context: Context[Any, Any], arrived: float
     ) -> pb.ExtractResult:
-        """One batch or stream item: a response, or an in-band error for that item alone."""
+        """One batch or stream item: a response, or an in-band error for that item alone.
+
+        Either way the result carries the item's id: the caller's, or the one assigned here.
+        """
+        request_id = request.request_id or new_request_id()
         try:
-            extraction = await self._run_item(request, rpc, context, arrived)
+            extraction = await self._run_item(request, request_id, rpc, context, arrived)
         except ProbeError as error:
             code = STATUS_CODES[error.kind].value[0]
-            return pb.ExtractResult(
-                request_id=request.request_id, error=pb.ItemError(code=code, message=error.message)
-            )
+            error_message = pb.ItemError(code=code, message=error.message)
+            return pb.ExtractResult(request_id=request_id, error=error_message)
         return pb.ExtractResult(request_id=extraction.request_id, response=messages.to_response(extraction))
 
     async def _reject_overload(self, context: Context[Any, Any], rpc: str, items: int) -> None:
@@ -205,7 +212,8 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
             await self._reject_overload(context, "Extract", 1)
         code = "OK"
         try:
-            extraction = await self._run_item(request, "Extract", context, arrived)
+            request_id = request.request_id or new_request_id()
+            extraction = await self._run_item(request, request_id, "Extract", context, arrived)
         except ProbeError as error:
             code = STATUS_CODES[error.kind].name
             await context.abort(STATUS_CODES[error.kind], error.message)
