@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, which: str) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "smollm2-135m-instruct")
-    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "xlam-smollm2-135m")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "bundles" / "xlam-smollm2-135m-v2")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--tokens", type=int, default=49)
     parser.add_argument("--iters", type=int, default=15)

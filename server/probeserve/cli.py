@@ -26,7 +26,7 @@ from probeserve.transport.servicer import ServerLimits
 # The demo: a bundle committed in the repository and the base model that `make serve` converts
 # (scripts/demo_model.py). Found relative to this file, so they exist in a checkout only.
 REPO = Path(__file__).resolve().parent.parent.parent
-DEMO_BUNDLE = REPO / "bundles" / "xlam-smollm2-135m"
+DEMO_BUNDLE = REPO / "bundles" / "xlam-smollm2-135m-v2"
 DEMO_MODELS = Path(os.environ.get("PROBESERVE_CACHE", REPO / ".cache")) / "models"
 DEMO_MODEL = DEMO_MODELS / "smollm2-135m-instruct"
 DEMO_AWQ_MODEL = DEMO_MODELS / "smollm2-135m-instruct-awq"  # `make demo-awq` (scripts/quantize_awq.py)
