@@ -59,9 +59,10 @@ $(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
 	cd $(TS_DIR) && npm ci --no-audit --no-fund
 	touch $@
 
-# The AWQ tool env too: tests/test_precision.py quantizes the tiny test model with it. Then the
+# The demo model too (tests/test_demo_values.py serves the demo bundle on it) and the AWQ tool env
+# (tests/test_precision.py quantizes the tiny test model with it). Then the
 # TypeScript SDK's tests, which start their own tiny-model server (clients/typescript/README.md).
-test: setup awq-env ts-deps lint
+test: setup demo-model awq-env ts-deps lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 	$(MAKE) test-ts
 
