@@ -76,6 +76,7 @@ def word_punct_server(
         precision="fp32",
         log_path=tmp_path_factory.mktemp("server-word-punct") / "server.log",
         probe_function="get_weather",
+        extra_args=("--eager",),  # a fast start: the session server covers the compiled default
         timeout_s=STARTUP_TIMEOUT_S,
     )
     yield running

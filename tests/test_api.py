@@ -182,3 +182,10 @@ def test_server_logs_one_json_line_per_request_without_text(
     assert line["utterance_chars"] == len("secret words in Quito")
     assert {"queue_ms", "prepare_ms", "engine_ms", "heads_ms", "total_ms", "prompt_tokens"} <= set(line)
     assert "secret" not in server.log_path.read_text()
+
+
+def test_server_started_without_tuning_flags_runs_the_defaults(server: RunningServer) -> None:
+    """The session server is started with no engine flags: it must run what BENCHMARKS.md measured
+    fastest, the inline engine compiled, with the adapter merged at full precision."""
+    started = next(e for e in server.log_lines() if e.get("event") == "engine_started")
+    assert (started["engine"], started["compiled"], started["lora_mode"]) == ("inline", True, "merged")

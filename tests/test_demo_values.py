@@ -38,6 +38,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
         model=DEMO_MODEL,
         precision="fp32",
         log_path=tmp_path_factory.mktemp("demo") / "server.log",
+        extra_args=("--eager",),  # values, not speed: a fast start
         timeout_s=600,
     )
     yield running

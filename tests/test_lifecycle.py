@@ -81,11 +81,12 @@ def guarded(
         model=tiny.model_dir,
         precision="fp32",
         log_path=directory / "server.log",
-        # The other engine (in-process, thread-driven) and the unmerged adapter: the session
-        # server runs vLLM's engine-core process with the adapter merged.
+        # The other engine (vLLM's engine-core process), eager, and the unmerged adapter: the
+        # session server runs the defaults (the inline engine, compiled, the adapter merged).
         extra_args=(
             "--engine",
-            "inline",
+            "process",
+            "--eager",
             "--lora-mode",
             "adapter",
             "--tls-cert",
@@ -138,7 +139,7 @@ def test_tls_and_token_are_required_but_health_stays_open(guarded: tuple[Running
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-def test_inline_engine_with_unmerged_adapter_answers_as_the_default(
+def test_process_engine_with_unmerged_adapter_answers_as_the_default(
     guarded: tuple[RunningServer, Tls], client: ProbeClient
 ) -> None:
     server, tls = guarded
@@ -146,16 +147,16 @@ def test_inline_engine_with_unmerged_adapter_answers_as_the_default(
         ("get_weather", "rain in Oslo tomorrow, celsius"),
         ("book_flight", "Paris to Tokyo on March 3rd"),
     ]
-    with _client(server, tls) as inline:
+    with _client(server, tls) as other:
         for function, utterance in cases:
-            got, want = inline.extract(function, utterance), client.extract(function, utterance)
+            got, want = other.extract(function, utterance), client.extract(function, utterance)
             assert got.values() == want.values()
             for g, w in zip(got.slots, want.slots, strict=True):
                 assert (g.present, g.token_start, g.token_end) == (w.present, w.token_start, w.token_end)
                 assert g.presence_probability == pytest.approx(w.presence_probability, abs=1e-4)
     log = server.log_lines()
     started = next(e for e in log if e.get("event") == "engine_started")
-    assert (started["lora_mode"], started["engine"]) == ("adapter", "inline")
+    assert (started["lora_mode"], started["engine"]) == ("adapter", "process")
 
 
 def test_overload_gets_resource_exhausted_and_recovers(guarded: tuple[RunningServer, Tls]) -> None:
@@ -270,6 +271,7 @@ def doomed(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Ite
     server = start_server(
         bundle=tiny.bundle_dir, model=tiny.model_dir, precision="fp32",
         log_path=tmp_path_factory.mktemp("doomed") / "server.log", timeout_s=300,
+        extra_args=("--engine", "process", "--eager"),  # the engine core is a process to kill
     )  # fmt: skip
     yield server
     server.stop(timeout=30)

@@ -145,7 +145,7 @@ def small_server(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) 
         model=tiny.model_dir,
         precision="fp32",
         log_path=tmp_path_factory.mktemp("small") / "server.log",
-        extra_args=("--max-in-flight", "2", "--engine", "inline"),
+        extra_args=("--max-in-flight", "2", "--eager"),
         timeout_s=300,
     )
     yield running

@@ -38,6 +38,7 @@ def replicas(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> I
             model=tiny.model_dir,
             precision="fp32",
             log_path=logs / f"replica{i}.log",
+            extra_args=("--eager",),  # a fast start; the session server covers the compiled default
             timeout_s=STARTUP_TIMEOUT_S,
         )
 

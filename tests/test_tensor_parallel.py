@@ -44,7 +44,7 @@ def test_two_ranks_answer_as_one(
         model=tiny.model_dir,
         precision="fp32",
         log_path=log_path,
-        extra_args=("--tensor-parallel-size", "2", "--engine", engine),
+        extra_args=("--tensor-parallel-size", "2", "--engine", engine, "--eager"),
         timeout_s=300,
     )
     try:

@@ -38,7 +38,7 @@ describe("ProbeClient against a real server", () => {
 
   before(
     async () => {
-      server = await startServer(["--engine", "inline"]); // one process: starts and stops faster
+      server = await startServer(["--eager"]); // the inline engine (the default), eager: a fast start
       client = new ProbeClient(server.target, { timeoutMs: 60_000 });
     },
     { timeout: STARTUP_TIMEOUT_MS },

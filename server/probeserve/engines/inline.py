@@ -138,6 +138,7 @@ class InlineEngine:
             "engine_started", model=engine._kwargs["model"], precision=config.precision,
             lora_mode=config.lora_mode, max_model_len=engine._max_model_len, engine="inline",
             tensor_parallel_size=engine._tensor_parallel_size,  # as vLLM reports it
+            compiled=not config.enforce_eager,
         )  # fmt: skip
         return engine
 

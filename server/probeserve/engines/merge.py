@@ -146,8 +146,8 @@ def _merge(model: Path, adapter: Path, dtype: str, out: Path) -> MergeCheck:
     del reloaded
     baseline = 0.0
     if dtype != "float32":
-        rounded = AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype)).float()
-        unmerged = PeftModel.from_pretrained(rounded, str(adapter)).eval()
+        rounded: Any = AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype))
+        unmerged = PeftModel.from_pretrained(rounded.to(torch.float32), str(adapter)).eval()
         baseline = _relative_rms_error(_hidden(unmerged, token_ids), expected)
     tolerance = max(TOLERANCE[dtype], BASELINE_SLACK * baseline)
     check = MergeCheck(relative_rms_error=error, baseline_relative_rms_error=baseline, tolerance=tolerance)

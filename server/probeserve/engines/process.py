@@ -49,6 +49,7 @@ class VllmEngine:
             "engine_started", model=kwargs["model"], precision=config.precision,
             lora_mode=config.lora_mode, max_model_len=max_len, engine="process",
             tensor_parallel_size=int(engine.vllm_config.parallel_config.tensor_parallel_size),
+            compiled=not config.enforce_eager,
         )  # fmt: skip
         return cls(engine, config, max_len)
 
