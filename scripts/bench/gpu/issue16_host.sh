@@ -12,6 +12,13 @@
 # m1: GPU 1 runs fullgraph_exp.py (FULL vs PIECEWISE vs eager, 8B shape, then with the rank-16
 #     adapter) while GPU 0 runs gpu_bench.py awq-70b (the 70B AWQ twin on one GPU);
 # m2: gpu_bench.py fp16-70b-tp2 (70B FP16 over both GPUs).
+# What actually ran (device budget): calls 0-6 (~6 s each), m1 (lost to the `wait` bug fixed below),
+# then by hand on the warm machine, from /tmp/code with the PYTHONPATH below:
+#   CUDA_VISIBLE_DEVICES=1 python3 $B/gpu/fullgraph_exp.py --model /tmp/gb/llama8b --out $OUT --tag base \
+#     --iters 30 --timeout-s 110 &   # beside:
+#   CUDA_VISIBLE_DEVICES=0 python3 $B/gpu_bench.py --out $OUT/awq70 --root /tmp/gb --configs awq-70b \
+#     --gpu-memory-utilization 0.5 -n 60 --rounds 2 --gap-ms 0
+# and the LoRA variant with --timeout-s 66, too short for a cold LoRA compile (both modes timed out).
 set -u
 phase=${1:?recv|part|m1|m2}; part=${2:-}
 here=$(pwd)
@@ -51,7 +58,11 @@ echo "ready after $(( $(date +%s) - t0 )) s"
   tar -czf "$OUT/logs_$phase.tgz" /tmp/fg_*.log /tmp/gpu_bench_*.log 2>/dev/null; echo "watchdog: logs saved" ) &
 watchdog=$!
 if [ "$phase" = m1 ]; then
-  python3 $B/gpu/make_bundle.py /tmp/gb & python3 $B/gpu/make_bundle.py /tmp/gb --shape 70b & wait
+  # Wait for these two by pid: a bare `wait` also waits for the watchdog, which cost the first m1
+  # call its whole 590 s (bundles made at ~40 s, then nothing ran).
+  python3 $B/gpu/make_bundle.py /tmp/gb & b1=$!
+  python3 $B/gpu/make_bundle.py /tmp/gb --shape 70b & b2=$!
+  wait $b1 $b2
   echo "bundles after $(( $(date +%s) - t0 )) s"
   ( export CUDA_VISIBLE_DEVICES=1
     python3 $B/gpu/fullgraph_exp.py --model /tmp/gb/llama8b --out "$OUT" --tag base
