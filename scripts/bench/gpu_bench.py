@@ -1,8 +1,9 @@
 """The server on a GPU: end-to-end gRPC latency next to the in-process floor of the same engine.
 
 For each configuration (FP16 or AWQ weights; the bundle's LoRA adapter applied per request, or
-no LoRA in the engine, which is what a merged adapter costs) on a Llama-3.1-8B-shaped model with
-random weights (``load_format="dummy"``; scripts/bench/gpu/make_bundle.py makes it and its bundle), one
+no LoRA in the engine, which is what a merged adapter costs) on a Llama-3.1-8B-shaped model, or
+70B-shaped (``fp16-70b-tp2``: sharded over two GPUs; ``awq-70b``: one GPU), with random weights
+(``load_format="dummy"``; scripts/bench/gpu/make_bundle.py makes them and their bundles), one
 child process runs the real server (``probeserve.transport.server.serve``: inline engine, compiled, heads
 on the GPU, ``--skip-pairing-check`` because random weights have nothing to pair) and, once it
 is SERVING, times that one engine three ways, in turns:
@@ -52,7 +53,7 @@ from typing import Any
 
 from common import host_cpu, percentile
 from gpu_report import judge, markdown, server_breakdown
-from make_bundle import UTTERANCES, make_all
+from make_bundle import SHAPES, UTTERANCES, make_all
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class Config:
     precision: str
     model: str  # folder under --root
     lora: bool  # the adapter per request; False: no LoRA in the engine (what a merged adapter costs)
+    tensor_parallel_size: int = 1
+    shape: str = "8b"  # make_bundle.SHAPES: which bundle (heads as wide as the model) goes with it
+
+    @property
+    def bundle(self) -> str:
+        return SHAPES[self.shape][2]
 
 
 CONFIGS: dict[str, Config] = {
@@ -67,9 +74,13 @@ CONFIGS: dict[str, Config] = {
     "fp16-base": Config("fp16", "llama8b", False),
     "awq-lora": Config("awq", "llama8b-awq", True),
     "awq-base": Config("awq", "llama8b-awq", False),
+    # Llama-3.1-70B shape: FP16 sharded over two GPUs, its AWQ twin on one
+    "fp16-70b-tp2": Config("fp16", "llama70b", False, tensor_parallel_size=2, shape="70b"),
+    "awq-70b": Config("awq", "llama70b-awq", False, shape="70b"),
     # CPU dry runs (--small)
     "fp32-lora": Config("fp32", "llama8b", True),
     "fp32-base": Config("fp32", "llama8b", False),
+    "fp32-70b-tp2": Config("fp32", "llama70b", False, tensor_parallel_size=2, shape="70b"),
 }
 # vLLM's lines worth keeping from each log: weights, KV cache, compilation and graph capture.
 ENGINE_LOG_KEYS = ("Model loading took", "KV cache memory", "torch.compile take", "Graph capturing finished",
@@ -152,9 +163,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def nvidia_smi(query: str = "memory.used") -> str:
+    """One line per GPU; only those in ``CUDA_VISIBLE_DEVICES`` when it is set (as indices), so that
+    a run pinned to one GPU neither waits for nor reports another GPU's work."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    select = ["-i", visible] if visible and all(p.strip().isdigit() for p in visible.split(",")) else []
     try:
         out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", *select, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=20,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
@@ -167,7 +182,7 @@ def wait_gpu_idle(limit_mib: int = 2000, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         used = nvidia_smi()
-        if not used or int(used.splitlines()[0]) < limit_mib:
+        if not used or max(int(line) for line in used.splitlines()) < limit_mib:
             return
         time.sleep(1)
 
@@ -179,7 +194,7 @@ def serve_config(settings: Settings, name: str) -> Any:
 
     config = CONFIGS[name]
     return ServeConfig(
-        bundle=settings.root / "bundle",
+        bundle=settings.root / config.bundle,
         model=settings.root / config.model,
         precision=config.precision,
         # merged with dummy weights: no merge, no LoRA in the engine (the cost of a merged adapter)
@@ -191,6 +206,7 @@ def serve_config(settings: Settings, name: str) -> Any:
         max_num_seqs=settings.max_num_seqs,
         enforce_eager=not settings.compile,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
         host="127.0.0.1",
         port=0,
         skip_pairing_check=True,
@@ -552,10 +568,14 @@ def main() -> int:
     began = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")  # weights, KV cache and compile lines for the record
-    if not (args.root / "bundle" / "probe_heads.safetensors").is_file():
-        t0 = time.perf_counter()
-        make_all(args.root, small=args.small)
-        print(f"made models and bundle in {time.perf_counter() - t0:.1f}s under {args.root}", flush=True)
+    for shape in sorted({CONFIGS[name].shape for name in args.configs.split(",")}):
+        if not (args.root / SHAPES[shape][2] / "probe_heads.safetensors").is_file():
+            t0 = time.perf_counter()
+            make_all(args.root, small=args.small, shape=shape)
+            print(
+                f"made {shape} models and bundle in {time.perf_counter() - t0:.1f}s under {args.root}",
+                flush=True,
+            )
     report: dict[str, Any] = {
         "versions": versions(),
         "settings": {**asdict(settings), "root": str(args.root)},
@@ -568,7 +588,10 @@ def main() -> int:
             results.append({"config": name, "error": "not run (budget)"})
             continue
         config = CONFIGS[name]
-        entry: dict[str, Any] = {"config": name, "precision": config.precision, "lora": config.lora}
+        entry: dict[str, Any] = {
+            "config": name, "precision": config.precision, "lora": config.lora, "shape": config.shape,
+            "tensor_parallel_size": config.tensor_parallel_size,
+        }  # fmt: skip
         results.append(entry)
         log_path = Path(f"/tmp/gpu_bench_{name}.log")
         t0 = time.monotonic()

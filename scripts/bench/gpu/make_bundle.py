@@ -1,4 +1,4 @@
-"""A Llama-3.1-8B-shaped checkpoint (config only), its AWQ twin, and a random probe bundle for it.
+"""Llama-3.1-8B- and 70B-shaped checkpoints (config only), their AWQ twins, and random probe bundles.
 
 For benchmarks with ``--load-format dummy``: vLLM builds the model from ``config.json`` and fills
 the weights with random numbers, so no weights are needed. Writes, under ROOT::
@@ -8,8 +8,12 @@ the weights with random numbers, so no weights are needed. Writes, under ROOT::
     bundle/           lora_adapter/ (rank 16 on q/k/v/o, random), probe_heads.safetensors
                       (width 4096, random), function_schemas.json, bundle.json
 
-    python scripts/bench/gpu/make_bundle.py ROOT             # the 8B shape
-    python scripts/bench/gpu/make_bundle.py ROOT --small     # hidden 256, 2 layers: a CPU dry run
+and with ``--shape 70b`` (Llama-3.1-70B: hidden 8192, 80 layers, 64 heads, 8 KV heads)
+``llama70b/``, ``llama70b-awq/`` and ``bundle70b/`` (heads of width 8192) beside them::
+
+    python scripts/bench/gpu/make_bundle.py ROOT                 # the 8B shape
+    python scripts/bench/gpu/make_bundle.py ROOT --shape 70b     # the 70B shape
+    python scripts/bench/gpu/make_bundle.py ROOT --small         # hidden 256, 2 layers: a CPU dry run
 
 Only torch, safetensors and tokenizers are needed (all on the GPU image); nothing is downloaded.
 The tokenizer is trained on the benchmark's own utterances, so prompts come out near 60 tokens,
@@ -59,6 +63,19 @@ LLAMA31_8B: dict[str, Any] = {
     "transformers_version": "4.43.0.dev0",
     "use_cache": True,
     "vocab_size": 128256,
+}
+# meta-llama/Llama-3.1-70B config.json (public): what differs from the 8B.
+LLAMA31_70B_DIFF: dict[str, Any] = {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+}
+# Folder names per shape: model, its AWQ twin, bundle.
+SHAPES: dict[str, tuple[str, str, str]] = {
+    "8b": ("llama8b", "llama8b-awq", "bundle"),
+    "70b": ("llama70b", "llama70b-awq", "bundle70b"),
 }
 # A CPU-sized model of the same architecture, for a dry run of the benchmark.
 SMALL = {
@@ -184,13 +201,18 @@ def write_tokenizer(model_dir: Path, vocab_size: int) -> None:
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-def write_checkpoints(root: Path, small: bool) -> dict[str, Any]:
+def write_checkpoints(root: Path, small: bool, shape: str = "8b") -> dict[str, Any]:
     config = copy.deepcopy(LLAMA31_8B)
+    if shape == "70b":
+        config.update(LLAMA31_70B_DIFF)
     if small:
         config.update(SMALL)
         config["bos_token_id"] = config["eos_token_id"] = 0
+        if shape == "70b":  # still twice as wide as the small 8B, so a width mix-up shows
+            config.update(hidden_size=512, intermediate_size=1024, num_attention_heads=8)
     awq = dict(config, torch_dtype="float16", quantization_config=AWQ)
-    variants = {"llama8b": config, "llama8b-awq": awq}
+    model, awq_model, _ = SHAPES[shape]
+    variants = {model: config, awq_model: awq}
     for name, cfg in variants.items():
         model_dir = root / name
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +254,7 @@ def write_adapter(adapter_dir: Path, config: dict[str, Any], seed: int = 1) -> N
     (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=1))
 
 
-def write_bundle(bundle_dir: Path, config: dict[str, Any], seed: int = 2) -> None:
+def write_bundle(bundle_dir: Path, config: dict[str, Any], seed: int = 2, shape: str = "8b") -> None:
     bundle_dir.mkdir(parents=True, exist_ok=True)
     write_adapter(bundle_dir / "lora_adapter", config)
     d = int(config["hidden_size"])
@@ -246,26 +268,28 @@ def write_bundle(bundle_dir: Path, config: dict[str, Any], seed: int = 2) -> Non
     save_file(heads, str(bundle_dir / "probe_heads.safetensors"))
     (bundle_dir / "function_schemas.json").write_text(json.dumps(SCHEMAS, indent=1))
     manifest = {
-        "name": "bench-llama8b",
+        "name": f"bench-llama{shape}",
         "version": "1",
         "note": "random adapter and heads for latency benchmarks (scripts/bench/gpu/make_bundle.py)",
-        "base_model": "Llama-3.1-8B shape, dummy weights",
+        "base_model": f"Llama-3.1-{shape.upper()} shape, dummy weights",
     }
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest, indent=1))
 
 
-def make_all(root: Path, small: bool = False) -> dict[str, Path]:
-    config = write_checkpoints(root, small)
-    write_bundle(root / "bundle", config)
-    return {"model": root / "llama8b", "awq_model": root / "llama8b-awq", "bundle": root / "bundle"}
+def make_all(root: Path, small: bool = False, shape: str = "8b") -> dict[str, Path]:
+    config = write_checkpoints(root, small, shape)
+    model, awq_model, bundle = SHAPES[shape]
+    write_bundle(root / bundle, config, shape=shape)
+    return {"model": root / model, "awq_model": root / awq_model, "bundle": root / bundle}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--small", action="store_true", help="hidden 256, 2 layers (a CPU dry run)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     args = parser.parse_args()
-    print(json.dumps({k: str(v) for k, v in make_all(args.root, args.small).items()}))
+    print(json.dumps({k: str(v) for k, v in make_all(args.root, args.small, args.shape).items()}))
 
 
 if __name__ == "__main__":
