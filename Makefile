@@ -47,7 +47,7 @@ $(AWQ_STAMP): scripts/requirements-awq.txt
 # utterance_segmentation; a no-op when its probeserve_quantization.json already records the same
 # source and calibration.
 demo-awq: demo-model awq-env
-	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle bundles/xlam-smollm2-135m \
+	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle bundles/xlam-smollm2-135m-v2 \
 		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq
 
 # The TypeScript SDK's dependencies (its generator, protoc-gen-es, among them), exactly as its
