@@ -461,12 +461,31 @@ class BundleInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     FUNCTIONS_FIELD_NUMBER: _builtins.int
     HIDDEN_SIZE_FIELD_NUMBER: _builtins.int
+    UTTERANCE_SEGMENTATION_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
+    HEADS_SHA256_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The bundle's name."""
     version: _builtins.str
     """The bundle's version."""
     hidden_size: _builtins.int
     """The width of the hidden states the heads read."""
+    utterance_segmentation: _builtins.str
+    """How the prompt tokenizes the utterance: "natural" (the recipe's layout) or "word_punct"
+    (cut at word and punctuation boundaries first). The heads point right only in their layout.
+    """
+    adapter_sha256: _builtins.str
+    """SHA-256 of the bundle's LoRA adapter (adapter_config.json and weights, in name order)."""
+    heads_sha256: _builtins.str
+    """SHA-256 of the bundle's probe heads file."""
+    base_model_fingerprint: _builtins.str
+    """The fingerprint of the model the bundle was trained on, as `bundle pack` recorded it; empty
+    when the bundle was not packed.
+    """
+    is_default: _builtins.bool
+    """Whether this bundle answers requests whose `bundle` field is empty."""
     @_builtins.property
     def functions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunctionInfo]:
         """The functions the bundle serves, sorted by name."""
@@ -478,10 +497,15 @@ class BundleInfo(_message.Message):
         version: _builtins.str = ...,
         functions: _abc.Iterable[Global___FunctionInfo] | None = ...,
         hidden_size: _builtins.int = ...,
+        utterance_segmentation: _builtins.str = ...,
+        adapter_sha256: _builtins.str = ...,
+        heads_sha256: _builtins.str = ...,
+        base_model_fingerprint: _builtins.str = ...,
+        is_default: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["functions", b"functions", "hidden_size", b"hidden_size", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "base_model_fingerprint", b"base_model_fingerprint", "functions", b"functions", "heads_sha256", b"heads_sha256", "hidden_size", b"hidden_size", "is_default", b"is_default", "name", b"name", "utterance_segmentation", b"utterance_segmentation", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,7 +535,7 @@ class GetInfoResponse(_message.Message):
     """The inference engine and its version, for example "vllm 0.32.0"."""
     @_builtins.property
     def bundles(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleInfo]:
-        """The loaded bundles; the first is the default."""
+        """The loaded bundles: the default one first (`is_default` set), then the others by name."""
 
     def __init__(
         self,

@@ -87,7 +87,7 @@ class ProbeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetInfo(self, request, context):
-        """GetInfo describes the served model, precision, bundle and its functions.
+        """GetInfo describes the served model, precision, the loaded bundles and their functions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,7 @@ class ProbeServiceStub:
     error for that item and the stream goes on.
     """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_probe_service_pb2.GetInfoRequest, _probe_service_pb2.GetInfoResponse]
-    """GetInfo describes the served model, precision, bundle and its functions."""
+    """GetInfo describes the served model, precision, the loaded bundles and their functions."""
 
 @_typing.type_check_only
 class ProbeServiceAsyncStub(ProbeServiceStub):
@@ -62,7 +62,7 @@ class ProbeServiceAsyncStub(ProbeServiceStub):
     error for that item and the stream goes on.
     """
     GetInfo: _aio.UnaryUnaryMultiCallable[_probe_service_pb2.GetInfoRequest, _probe_service_pb2.GetInfoResponse]  # type: ignore[assignment]
-    """GetInfo describes the served model, precision, bundle and its functions."""
+    """GetInfo describes the served model, precision, the loaded bundles and their functions."""
 
 class ProbeServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProbeService extracts slot values from an utterance by reading a language model's hidden
@@ -101,6 +101,6 @@ class ProbeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _probe_service_pb2.GetInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_probe_service_pb2.GetInfoResponse, _abc.Awaitable[_probe_service_pb2.GetInfoResponse]]:
-        """GetInfo describes the served model, precision, bundle and its functions."""
+        """GetInfo describes the served model, precision, the loaded bundles and their functions."""
 
 def add_ProbeServiceServicer_to_server(servicer: ProbeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
