@@ -61,22 +61,31 @@ def server(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="session")
 def word_punct_bundle_dir(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle in the ``word_punct`` utterance layout, packed."""
-    return make_layout_bundle(tiny, tmp_path_factory.mktemp("tiny-word-punct"), "word_punct")
+    """A second task's bundle on the tiny model: its own adapter and heads, the ``word_punct``
+    utterance layout, packed."""
+    root = tmp_path_factory.mktemp("tiny-word-punct")
+    return make_layout_bundle(tiny, root, "word_punct", name=WORD_PUNCT_BUNDLE, seed=1)
+
+
+# The names the bundles server serves its two bundles under (its default first).
+WORD_PUNCT_BUNDLE = "tiny-wp"
+NATURAL_BUNDLE = "tiny"
 
 
 @pytest.fixture(scope="session")
 def word_punct_server(
     tiny: TinyArtifacts, word_punct_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    """A second real server, on the word_punct bundle (one bundle per server); started on first use."""
+    """A second real server with two bundles on the tiny model (the word_punct one, its default,
+    and the session server's natural one, adapters per request) and AdminService on loopback."""
     running = start_server(
         bundle=word_punct_bundle_dir,
         model=tiny.model_dir,
         precision="fp32",
         log_path=tmp_path_factory.mktemp("server-word-punct") / "server.log",
         probe_function="get_weather",
-        extra_args=("--eager",),  # a fast start: the session server covers the compiled default
+        # --eager: a fast start; the session server covers the compiled default.
+        extra_args=("--bundle", str(tiny.bundle_dir), "--admin", "--eager", "--metrics-port", "0"),
         timeout_s=STARTUP_TIMEOUT_S,
     )
     yield running

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from probeserve.cli import main
+from probeserve.core.bundle import Bundle
+from probeserve.core.errors import ProbeError
 from probeserve.engines.config import resolve_precision
+from probeserve.transport.bundles import BundleSpec
+from probeserve.transport.server import ServeConfig, check_config
+from tests.support.tiny_model import TinyArtifacts
 
 
 def test_missing_directories_are_named(tmp_path: Path) -> None:
@@ -27,3 +33,45 @@ def test_auto_precision_follows_the_cpu() -> None:
     flags = Path("/proc/cpuinfo").read_text()
     native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     assert resolve_precision("auto") == ("bf16" if native_bf16 else "fp32")
+
+
+def _settings(argv: list[str]) -> dict[str, object]:
+    from probeserve.cli import _engine_settings, _parser
+
+    return _engine_settings(_parser().parse_args(argv))
+
+
+def test_lora_mode_auto_merges_only_a_lone_bundle(tiny: TinyArtifacts, word_punct_bundle_dir: Path) -> None:
+    """One bundle at full precision: merged (the fastest); a second bundle or --admin needs
+    adapters per request."""
+    base = ["serve", "--model", str(tiny.model_dir), "--precision", "fp32", "--bundle", str(tiny.bundle_dir)]
+    assert _settings(base)["lora_mode"] == "merged"
+    assert _settings([*base, "--admin"])["lora_mode"] == "adapter"
+    two = _settings([*base, "--bundle", f"wp={word_punct_bundle_dir}"])
+    assert two["lora_mode"] == "adapter"
+    assert two["bundles"] == (BundleSpec(tiny.bundle_dir), BundleSpec(word_punct_bundle_dir, "wp"))
+
+
+def test_engine_sizes_its_adapter_slots_from_the_bundles(tiny_bundle: Bundle) -> None:
+    one = ServeConfig(bundles=(), model=Path("m"), lora_mode="adapter")
+    assert (one.engine_config([tiny_bundle]).max_loras, one.engine_config([tiny_bundle]).lora_rank) == (1, 8)
+    admin = dataclasses.replace(one, admin=True)
+    assert (admin.engine_config([tiny_bundle]).max_loras, admin.engine_config([tiny_bundle]).lora_rank) == (
+        4,
+        16,
+    )
+    assert one.engine_config([tiny_bundle] * 3).max_loras == 3
+    merged = dataclasses.replace(one, lora_mode="merged")
+    assert merged.engine_config([tiny_bundle]).adapter == tiny_bundle.adapter_path
+    with pytest.raises(ProbeError, match="exactly one bundle"):
+        merged.engine_config([tiny_bundle, tiny_bundle])
+
+
+def test_an_open_admin_service_is_refused() -> None:
+    """--admin beyond loopback needs auth: refused before anything starts."""
+    admin = ServeConfig(bundles=(BundleSpec(Path("b")),), model=Path("m"), admin=True)
+    with pytest.raises(ProbeError, match="--admin without auth"):
+        check_config(dataclasses.replace(admin, host="0.0.0.0"))
+    for allowed in (admin, dataclasses.replace(admin, host="::1"),
+                    dataclasses.replace(admin, host="0.0.0.0", auth_tokens=("t",))):  # fmt: skip
+        check_config(allowed)

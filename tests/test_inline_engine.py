@@ -33,11 +33,28 @@ class _Recorder:
         self.waiting: dict[str, list[int]] = {}
         self.steps: list[int] = []  # requests per step
         self.lock = threading.Lock()
+        self.loras: dict[int, str] = {}  # lora id -> path
+        self.lora_of: dict[str, int | None] = {}  # request id -> its adapter's id
+        self.threads: set[str] = set()  # threads that touched the engine
 
     def add_request(
         self, request_id: str, prompt: dict[str, list[int]], params: Any, lora_request: Any = None
     ) -> None:
+        self.threads.add(threading.current_thread().name)
         self.waiting[request_id] = prompt["prompt_token_ids"]
+        self.lora_of[request_id] = lora_request.lora_int_id if lora_request else None
+
+    def add_lora(self, lora_request: Any) -> bool:
+        self.threads.add(threading.current_thread().name)
+        self.loras[lora_request.lora_int_id] = lora_request.lora_path
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        self.threads.add(threading.current_thread().name)
+        return self.loras.pop(lora_id, None) is not None
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
 
     def abort_request(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -77,9 +94,7 @@ class _Engine(InlineEngine):
 
 
 def _start(batch_wait_ms: float) -> _Engine:
-    config = EngineConfig(
-        model=Path("unused"), adapter=Path("unused"), lora_rank=8, batch_wait_ms=batch_wait_ms
-    )
+    config = EngineConfig(model=Path("unused"), adapter=None, lora_rank=16, batch_wait_ms=batch_wait_ms)
     engine = _Engine(config, {"model": "stand-in"})
     engine._thread.start()
     engine._ready.wait(10)
@@ -107,8 +122,8 @@ def test_one_reader_call_per_step_with_every_request_of_it(calls: list[int]) -> 
     reader = _sum_reader(calls)
 
     async def main() -> list[object]:
-        jobs = [engine.read_states(f"r{i}", [1, 2, 3], reader, 10 * i) for i in range(6)]
-        jobs.append(engine.read_states("odd", [1], reader, 1))
+        jobs = [engine.read_states(f"r{i}", [1, 2, 3], reader, 10 * i, None) for i in range(6)]
+        jobs.append(engine.read_states("odd", [1], reader, 1, None))
         done: list[object] = await asyncio.gather(*jobs, return_exceptions=True)
         return done
 
@@ -128,8 +143,10 @@ def test_reader_failure_reaches_its_callers_and_the_engine_goes_on() -> None:
         raise RuntimeError("heads failed")
 
     async def main() -> tuple[object, torch.Tensor]:
-        failed = await asyncio.gather(engine.read_states("a", [1], broken, None), return_exceptions=True)
-        return failed[0], await engine.hidden_states("b", [4, 5])
+        failed = await asyncio.gather(
+            engine.read_states("a", [1], broken, None, None), return_exceptions=True
+        )
+        return failed[0], await engine.hidden_states("b", [4, 5], None)
 
     try:
         failed, states = asyncio.run(asyncio.wait_for(main(), 10))
@@ -145,7 +162,7 @@ async def _waves(engine: InlineEngine, clients: int, rounds: int, spread_s: floa
     async def client(k: int) -> None:
         for r in range(rounds):
             await asyncio.sleep(k * spread_s)
-            await engine.hidden_states(f"c{k}-{r}", [k, r])
+            await engine.hidden_states(f"c{k}-{r}", [k, r], None)
 
     await asyncio.gather(*(client(k) for k in range(clients)))
 
@@ -179,7 +196,7 @@ def test_a_lone_caller_never_waits() -> None:
         times = []
         for i in range(5):
             t0 = time.perf_counter()
-            await engine.hidden_states(f"lone-{i}", [i])
+            await engine.hidden_states(f"lone-{i}", [i], None)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -189,3 +206,31 @@ def test_a_lone_caller_never_waits() -> None:
         engine.shutdown()
     assert times[0] < 0.2 + 3 * STEP_S  # the one bounded wait, for the burst's size
     assert all(t < 0.1 for t in times[1:]), times  # then it expects one request: no wait
+
+
+def test_adapters_are_managed_on_the_engine_thread_and_travel_with_their_requests() -> None:
+    """Two bundles' adapters: each request reaches the engine with its own adapter's id (or none),
+    adapter commands run on the engine's thread between steps, and a removed one is no longer
+    listed. A rank above what the engine was started for is refused before it reaches vLLM."""
+    engine = _start(batch_wait_ms=0)
+
+    async def main() -> tuple[set[int], set[int]]:
+        a = await engine.add_adapter("a", Path("/bundles/a/lora_adapter"), 8)
+        b = await engine.add_adapter("b", Path("/bundles/b/lora_adapter"), 16)
+        with pytest.raises(ProbeError, match="rank 32") as refused:
+            await engine.add_adapter("c", Path("/bundles/c/lora_adapter"), 32)
+        assert refused.value.kind.name == "FAILED_PRECONDITION"
+        await asyncio.gather(*(engine.hidden_states(f"q{i}", [i], (a, b, None)[i % 3]) for i in range(9)))
+        both = await engine.adapter_ids()
+        await engine.remove_adapter(a)
+        return both, await engine.adapter_ids()
+
+    try:
+        both, after = asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        engine.shutdown()
+    recorder = engine.recorder
+    assert both == {1, 2} and after == {2}
+    by_request = {rid.split("-")[0]: lora for rid, lora in recorder.lora_of.items()}
+    assert by_request == {f"q{i}": (1, 2, None)[i % 3] for i in range(9)}
+    assert recorder.threads == {"probeserve-engine"}

@@ -101,6 +101,7 @@ def guarded(
             "0",
             "--grace",
             "30",
+            "--admin",
         ),
         client_kwargs={"credentials": tls.credentials(), "options": TLS_OPTIONS},
         timeout_s=300,
@@ -137,6 +138,30 @@ def test_tls_and_token_are_required_but_health_stays_open(guarded: tuple[Running
     with ProbeClient(server.target, retries=0, timeout=5) as plaintext, pytest.raises(ProbeServeError) as err:
         plaintext.health()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_admin_calls_need_the_token_and_refused_calls_are_counted(guarded: tuple[RunningServer, Tls]) -> None:
+    """AdminService is behind the same token; every refused call shows in the metrics, by method."""
+    server, tls = guarded
+    before = server.metrics()
+    with _client(server, tls, token=None) as anonymous:
+        for call in (anonymous.bundles, lambda: anonymous.unload_bundle("tiny"),
+                     lambda: anonymous.load_bundle("/etc")):  # fmt: skip
+            with pytest.raises(ProbeServeError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(ProbeServeError):
+            anonymous.extract("get_weather", "rain")
+    with _client(server, tls) as client:
+        listed = client.bundles()
+    assert [b.name for b in listed.bundles] == ["tiny"] and listed.engine_adapters == ("tiny",)
+    after = server.metrics()
+
+    def added(rpc: str) -> float:
+        key = f'probeserve_calls_total{{code="UNAUTHENTICATED",rpc="{rpc}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert [added(rpc) for rpc in ("ListBundles", "UnloadBundle", "LoadBundle", "Extract")] == [1, 1, 1, 1]
 
 
 def test_process_engine_with_unmerged_adapter_answers_as_the_default(

@@ -21,12 +21,16 @@ from probeserve.engines.config import (
 )
 from probeserve.logs import configure_logging
 from probeserve.pairing.checks import PairingError
+from probeserve.transport.bundles import BundleSpec
 from probeserve.transport.servicer import ServerLimits
 
 # The demo: a bundle committed in the repository and the base model that `make serve` converts
 # (scripts/demo_model.py). Found relative to this file, so they exist in a checkout only.
 REPO = Path(__file__).resolve().parent.parent.parent
 DEMO_BUNDLE = REPO / "bundles" / "xlam-smollm2-135m-v2"
+# `probeserve serve` with no --bundle serves both demo bundles: v2 (the default) and v1, the same
+# task in the recipe's layout, as a canary pair (README "Several bundles on one model").
+DEMO_BUNDLES = (DEMO_BUNDLE, REPO / "bundles" / "xlam-smollm2-135m")
 DEMO_MODELS = Path(os.environ.get("PROBESERVE_CACHE", REPO / ".cache")) / "models"
 DEMO_MODEL = DEMO_MODELS / "smollm2-135m-instruct"
 DEMO_AWQ_MODEL = DEMO_MODELS / "smollm2-135m-instruct-awq"  # `make demo-awq` (scripts/quantize_awq.py)
@@ -45,11 +49,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _default_bundles() -> list[str]:
+    listed = os.environ.get("PROBESERVE_BUNDLE", "")
+    return [item for item in listed.split(",") if item] or [str(b) for b in DEMO_BUNDLES]
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The bundle, the model and how the engine runs them: shared by serve and check-pairing."""
+    """The bundles, the model and how the engine runs them: shared by serve and check-pairing."""
     parser.add_argument(
-        "--bundle", type=Path, default=_default("PROBESERVE_BUNDLE", DEMO_BUNDLE),
-        help=f"probe bundle directory (default: $PROBESERVE_BUNDLE or the demo, {DEMO_BUNDLE})",
+        "--bundle", dest="bundles", action="append", metavar="[NAME=]DIR",
+        help="a probe bundle directory, served under NAME or the name in its bundle.json; repeat it "
+        "to serve several bundles on one model, each with its adapter per request (default: "
+        "$PROBESERVE_BUNDLE, comma-separated, or the two demo bundles, "
+        f"{', '.join(b.name for b in DEMO_BUNDLES)})",
     )  # fmt: skip
     parser.add_argument(
         "--model", type=Path, default=None,
@@ -63,7 +75,18 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora-mode", choices=["auto", "adapter", "merged"], default="auto",
         help="merged: merge the adapter into the weights once (cached, verified) and run the engine "
-        "without LoRA; adapter: apply it per request; auto: merged at full precision, adapter at awq",
+        "without LoRA (one bundle only); adapter: each request carries its bundle's adapter; auto: "
+        "merged for one bundle at full precision without --admin, else adapter",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-loras", type=_positive_int,
+        help="adapters one engine step may mix (default: the number of bundles; at least "
+        "4 with --admin)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-lora-rank", type=_positive_int,
+        help="the largest LoRA rank the engine takes (default: the bundles' largest; at least 16 "
+        "with --admin)",
     )  # fmt: skip
     parser.add_argument(
         "--engine", choices=ENGINE_KINDS, default=DEFAULT_ENGINE,
@@ -114,6 +137,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_log_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument(
+        "--default-bundle", default="", metavar="NAME",
+        help="the bundle that answers requests naming none (default: the first --bundle)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--admin", action="store_true",
+        help="serve probeserve.v1.AdminService (load, unload and list bundles while serving); it "
+        "needs auth unless the server listens on loopback only",
+    )  # fmt: skip
     serve.add_argument(
         "--skip-pairing-check", action="store_true",
         help="serve even if the model cannot be shown to be the bundle's (logged loudly)",
@@ -193,7 +225,8 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     demo = DEMO_AWQ_MODEL if args.precision == "awq" else DEMO_MODEL
     model = args.model or _default("PROBESERVE_MODEL", demo)
     hints = {DEMO_MODEL: " (`make demo-model` makes it)", DEMO_AWQ_MODEL: " (`make demo-awq` makes it)"}
-    for what, path in (("bundle", args.bundle), ("model", model)):
+    bundles = [BundleSpec.parse(text) for text in args.bundles or _default_bundles()]
+    for what, path in (*(("bundle", spec.path) for spec in bundles), ("model", model)):
         if not path.is_dir():
             sys.exit(f"error: {what} directory {path} does not exist{hints.get(path, '')}")
     try:
@@ -202,9 +235,13 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
         sys.exit(f"error: {exc}")
     lora_mode = args.lora_mode
     if lora_mode == "auto":
-        lora_mode = "merged" if precision in PRECISION_DTYPES and args.load_format != "dummy" else "adapter"
+        one_bundle = len(bundles) == 1 and not getattr(args, "admin", False)
+        full = precision in PRECISION_DTYPES and args.load_format != "dummy"
+        lora_mode = "merged" if one_bundle and full else "adapter"
     return {
-        "bundle": args.bundle,
+        "bundles": tuple(bundles),
+        "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank,
         "model": model,
         "precision": precision,
         "lora_mode": lora_mode,
@@ -250,6 +287,8 @@ def _serve(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         log_utterances=args.log_utterances,
         max_connection_age_s=args.max_connection_age,
+        default_bundle=args.default_bundle,
+        admin=args.admin,
     )
     try:
         asyncio.run(serve(config))
@@ -262,14 +301,20 @@ def _check_pairing(args: argparse.Namespace) -> None:
     from probeserve.transport.server import ServeConfig, check_pairing
 
     try:
-        checks = asyncio.run(check_pairing(ServeConfig(**_engine_settings(args)), keep_going=args.keep_going))
+        config = ServeConfig(**_engine_settings(args))
+        results = asyncio.run(check_pairing(config, keep_going=args.keep_going))
     except (ProbeError, BundleError) as exc:
         sys.exit(f"error: {exc}")
-    for check in checks:
-        print(check.line())
-    failed = [c for c in checks if not c.passed]
-    print(f"pairing: {'FAILED (' + failed[0].name + ')' if failed else 'passed'} ({len(checks)} checks)")
-    sys.exit(EXIT_PAIRING if failed else 0)
+    refused = False
+    for name, checks in results.items():
+        prefix = f"{name}: " if len(results) > 1 else ""
+        for check in checks:
+            print(prefix + check.line())
+        failed = [c for c in checks if not c.passed]
+        refused = refused or bool(failed)
+        verdict = "FAILED (" + failed[0].name + ")" if failed else "passed"
+        print(f"{prefix}pairing: {verdict} ({len(checks)} checks)")
+    sys.exit(EXIT_PAIRING if refused else 0)
 
 
 def _bundle_pack(args: argparse.Namespace) -> None:

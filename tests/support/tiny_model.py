@@ -146,14 +146,23 @@ def make_heads(seed: int = 2) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def make_bundle(model_dir: Path, bundle_dir: Path, utterance_segmentation: str | None = None) -> None:
+def make_bundle(
+    model_dir: Path,
+    bundle_dir: Path,
+    utterance_segmentation: str | None = None,
+    *,
+    name: str = "tiny",
+    version: str = "1",
+    seed: int = 0,
+) -> None:
     """The tiny bundle; without ``utterance_segmentation`` its bundle.json has no such field, as a
-    bundle straight from the public recipe (which means ``natural``)."""
+    bundle straight from the public recipe (which means ``natural``). Another ``seed`` gives
+    another adapter and other heads (a second task on the same model)."""
     bundle_dir.mkdir(parents=True, exist_ok=True)
-    make_adapter(model_dir, bundle_dir / "lora_adapter")
-    torch.save(make_heads(), bundle_dir / "probe_heads.pt")
+    make_adapter(model_dir, bundle_dir / "lora_adapter", seed=1 + 10 * seed)
+    torch.save(make_heads(seed=2 + 10 * seed), bundle_dir / "probe_heads.pt")
     (bundle_dir / "function_schemas.json").write_text(json.dumps(SCHEMAS, indent=1))
-    manifest = {"name": "tiny", "version": "1"}
+    manifest = {"name": name, "version": version}
     if utterance_segmentation is not None:
         manifest["utterance_segmentation"] = utterance_segmentation
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
@@ -189,12 +198,23 @@ def make_all(root: Path, pack: bool = True) -> TinyArtifacts:
     return TinyArtifacts(model_dir, bundle_dir)
 
 
-def make_layout_bundle(tiny: TinyArtifacts, root: Path, utterance_segmentation: str) -> Path:
-    """The tiny bundle (same adapter and heads) declaring another utterance layout, packed anew:
-    its calibration references are computed in that layout."""
+def make_layout_bundle(
+    tiny: TinyArtifacts,
+    root: Path,
+    utterance_segmentation: str | None,
+    *,
+    name: str = "tiny",
+    seed: int = 0,
+    version: str = "1",
+    model_dir: Path | None = None,
+) -> Path:
+    """A tiny bundle declaring an utterance layout, packed: its calibration references are computed
+    in that layout. ``seed`` 0 keeps the tiny bundle's adapter and heads; ``model_dir`` trains it
+    for (and packs it against) another model than the tiny one."""
+    model_dir = model_dir or tiny.model_dir
     bundle_dir = root / "bundle"
-    make_bundle(tiny.model_dir, bundle_dir, utterance_segmentation)
-    pack_tiny(root, tiny.model_dir, bundle_dir)
+    make_bundle(model_dir, bundle_dir, utterance_segmentation, name=name, seed=seed, version=version)
+    pack_tiny(root, model_dir, bundle_dir)
     return bundle_dir
 
 

@@ -12,14 +12,17 @@ from probeserve_client._errors import ProbeServeError
 from probeserve_client._inputs import parse_items, read_items
 from probeserve_client._types import (
     BundleInfo,
+    BundleList,
     Extraction,
     ExtractItem,
     ExtractResult,
     FunctionInfo,
     ItemError,
+    LoadedBundle,
     ServerInfo,
     Slot,
     SlotInfo,
+    UnloadedBundle,
 )
 
 __version__ = "0.1.0"
@@ -28,17 +31,20 @@ __all__ = [
     "AsyncProbeClient",
     "AsyncResultStream",
     "BundleInfo",
+    "BundleList",
     "ExtractItem",
     "ExtractResult",
     "Extraction",
     "FunctionInfo",
     "ItemError",
+    "LoadedBundle",
     "ProbeClient",
     "ProbeServeError",
     "ResultStream",
     "ServerInfo",
     "Slot",
     "SlotInfo",
+    "UnloadedBundle",
     "parse_items",
     "read_items",
 ]

@@ -13,9 +13,19 @@ from google.protobuf import wrappers_pb2
 
 from probeserve_client import _convert
 from probeserve_client._errors import ProbeServeError, from_rpc_error
+from probeserve_client._proto.probeserve.v1 import admin_service_pb2 as admin_pb
+from probeserve_client._proto.probeserve.v1 import admin_service_pb2_grpc as admin_grpc
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2_grpc as pb_grpc
-from probeserve_client._types import Extraction, ExtractItem, ExtractResult, ServerInfo
+from probeserve_client._types import (
+    BundleList,
+    Extraction,
+    ExtractItem,
+    ExtractResult,
+    LoadedBundle,
+    ServerInfo,
+    UnloadedBundle,
+)
 
 Metadata = Sequence[tuple[str, str]]
 Item = ExtractItem | tuple[str, str]
@@ -32,10 +42,9 @@ def _health_status(reply: wrappers_pb2.Int32Value) -> str:
     return _HEALTH_STATUS.get(reply.value, "UNKNOWN")
 
 
-def _stream_requests(items: Iterable[Item]) -> Iterator[pb.ExtractStreamRequest]:
+def _stream_requests(items: Iterable[Item], bundle: str = "") -> Iterator[pb.ExtractStreamRequest]:
     for item in items:
-        it = item if isinstance(item, ExtractItem) else ExtractItem(*item)
-        yield pb.ExtractStreamRequest(request=_convert.to_request(it))
+        yield pb.ExtractStreamRequest(request=_convert.to_request(_convert.to_item(item, bundle)))
 
 
 class ResultStream:
@@ -63,6 +72,7 @@ class _ClientCore:
     def _bind(self, channel: Any, timeout: float | None, metadata: Metadata) -> None:
         self._channel = channel
         self._stub = pb_grpc.ProbeServiceStub(channel)
+        self._admin = admin_grpc.AdminServiceStub(channel)
         self._health = channel.unary_unary(
             _HEALTH_CHECK,
             request_serializer=wrappers_pb2.StringValue.SerializeToString,
@@ -154,10 +164,18 @@ class ProbeClient(_ClientCore):
         return _convert.from_response(response)
 
     def extract_batch(
-        self, items: Iterable[Item], *, timeout: float | None = None, metadata: Metadata | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        bundle: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> list[ExtractResult]:
-        """Extract many utterances in one call; each result holds an extraction or its error."""
-        request = pb.ExtractBatchRequest(requests=[_convert.to_request(i) for i in _convert.to_items(items)])
+        """Extract many utterances in one call; each result holds an extraction or its error.
+
+        ``bundle`` answers the items that name none (each item may name its own)."""
+        items = _convert.to_items(items, bundle)
+        request = pb.ExtractBatchRequest(requests=[_convert.to_request(i) for i in items])
         try:
             response = self._stub.ExtractBatch(request, **self._kw(timeout, metadata))
         except grpc.RpcError as error:
@@ -165,10 +183,16 @@ class ProbeClient(_ClientCore):
         return [_convert.from_result(r) for r in response.results]
 
     def stream(
-        self, items: Iterable[Item], *, timeout: float | None = None, metadata: Metadata | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        bundle: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> ResultStream:
-        """Send ``items`` while iterating results (request order). ``timeout`` bounds the call."""
-        call = self._stub.ExtractStream(_stream_requests(items), **self._kw(timeout, metadata))
+        """Send ``items`` while iterating results (request order). ``timeout`` bounds the call;
+        ``bundle`` answers the items that name none, so one stream may mix bundles item by item."""
+        call = self._stub.ExtractStream(_stream_requests(items, bundle), **self._kw(timeout, metadata))
         return ResultStream(call)
 
     def info(self, *, timeout: float | None = None) -> ServerInfo:
@@ -184,6 +208,41 @@ class ProbeClient(_ClientCore):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return _health_status(reply)
+
+    # -- AdminService (the server must run with --admin) ---------------------------------------
+
+    def load_bundle(
+        self,
+        path: str,
+        *,
+        name: str = "",
+        replace: bool = False,
+        make_default: bool = False,
+        timeout: float | None = None,
+    ) -> LoadedBundle:
+        """Load a bundle directory that lies on the server; the pairing check runs first."""
+        request = admin_pb.LoadBundleRequest(path=path, name=name, replace=replace, make_default=make_default)
+        try:
+            return _convert.from_loaded(self._admin.LoadBundle(request, **self._kw(timeout, None)))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def unload_bundle(self, name: str, *, timeout: float | None = None) -> UnloadedBundle:
+        """Stop serving a bundle once its admitted requests are answered."""
+        request = admin_pb.UnloadBundleRequest(name=name)
+        try:
+            return _convert.from_unloaded(self._admin.UnloadBundle(request, **self._kw(timeout, None)))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def bundles(self, *, timeout: float | None = None) -> BundleList:
+        """The loaded bundles, and the adapters the engine holds."""
+        try:
+            return _convert.from_bundle_list(
+                self._admin.ListBundles(admin_pb.ListBundlesRequest(), **self._kw(timeout, None))
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -223,14 +282,13 @@ class AsyncResultStream:
 
 
 async def _async_stream_requests(
-    items: Iterable[Item] | AsyncIterable[Item],
+    items: Iterable[Item] | AsyncIterable[Item], bundle: str = ""
 ) -> AsyncIterator[pb.ExtractStreamRequest]:
     if isinstance(items, AsyncIterable):
         async for item in items:
-            it = item if isinstance(item, ExtractItem) else ExtractItem(*item)
-            yield pb.ExtractStreamRequest(request=_convert.to_request(it))
+            yield pb.ExtractStreamRequest(request=_convert.to_request(_convert.to_item(item, bundle)))
     else:
-        for request in _stream_requests(items):
+        for request in _stream_requests(items, bundle):
             yield request
 
 
@@ -292,9 +350,15 @@ class AsyncProbeClient(_ClientCore):
         return _convert.from_response(response)
 
     async def extract_batch(
-        self, items: Iterable[Item], *, timeout: float | None = None, metadata: Metadata | None = None
+        self,
+        items: Iterable[Item],
+        *,
+        bundle: str = "",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> list[ExtractResult]:
-        request = pb.ExtractBatchRequest(requests=[_convert.to_request(i) for i in _convert.to_items(items)])
+        items = _convert.to_items(items, bundle)
+        request = pb.ExtractBatchRequest(requests=[_convert.to_request(i) for i in items])
         try:
             response = await self._stub.ExtractBatch(request, **self._kw(timeout, metadata))
         except grpc.RpcError as error:
@@ -305,10 +369,12 @@ class AsyncProbeClient(_ClientCore):
         self,
         items: Iterable[Item] | AsyncIterable[Item],
         *,
+        bundle: str = "",
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncResultStream:
-        call = self._stub.ExtractStream(_async_stream_requests(items), **self._kw(timeout, metadata))
+        requests = _async_stream_requests(items, bundle)
+        call = self._stub.ExtractStream(requests, **self._kw(timeout, metadata))
         return AsyncResultStream(call)
 
     async def info(self, *, timeout: float | None = None) -> ServerInfo:
@@ -325,6 +391,37 @@ class AsyncProbeClient(_ClientCore):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return _health_status(reply)
+
+    async def load_bundle(
+        self,
+        path: str,
+        *,
+        name: str = "",
+        replace: bool = False,
+        make_default: bool = False,
+        timeout: float | None = None,
+    ) -> LoadedBundle:
+        request = admin_pb.LoadBundleRequest(path=path, name=name, replace=replace, make_default=make_default)
+        try:
+            return _convert.from_loaded(await self._admin.LoadBundle(request, **self._kw(timeout, None)))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def unload_bundle(self, name: str, *, timeout: float | None = None) -> UnloadedBundle:
+        request = admin_pb.UnloadBundleRequest(name=name)
+        try:
+            return _convert.from_unloaded(await self._admin.UnloadBundle(request, **self._kw(timeout, None)))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def bundles(self, *, timeout: float | None = None) -> BundleList:
+        request = admin_pb.ListBundlesRequest()
+        try:
+            return _convert.from_bundle_list(
+                await self._admin.ListBundles(request, **self._kw(timeout, None))
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     async def close(self) -> None:
         await self._channel.close(None)

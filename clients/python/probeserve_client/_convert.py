@@ -6,17 +6,21 @@ import json
 from collections.abc import Iterable, Sequence
 
 from probeserve_client._errors import status_code
+from probeserve_client._proto.probeserve.v1 import admin_service_pb2 as admin_pb
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
 from probeserve_client._types import (
     BundleInfo,
+    BundleList,
     Extraction,
     ExtractItem,
     ExtractResult,
     FunctionInfo,
     ItemError,
+    LoadedBundle,
     ServerInfo,
     Slot,
     SlotInfo,
+    UnloadedBundle,
 )
 
 SERVICE = "probeserve.v1.ProbeService"
@@ -85,8 +89,17 @@ def to_request(item: ExtractItem) -> pb.ExtractRequest:
     )
 
 
-def to_items(items: Iterable[ExtractItem | tuple[str, str]]) -> list[ExtractItem]:
-    return [i if isinstance(i, ExtractItem) else ExtractItem(*i) for i in items]
+def to_item(item: ExtractItem | tuple[str, str], bundle: str = "") -> ExtractItem:
+    """An item as sent: a ``(function, utterance)`` pair made whole, ``bundle`` where it names none."""
+    if not isinstance(item, ExtractItem):
+        item = ExtractItem(*item)
+    if bundle and not item.bundle:
+        item = ExtractItem(item.function, item.utterance, item.request_id, bundle)
+    return item
+
+
+def to_items(items: Iterable[ExtractItem | tuple[str, str]], bundle: str = "") -> list[ExtractItem]:
+    return [to_item(i, bundle) for i in items]
 
 
 def from_response(response: pb.ExtractResponse) -> Extraction:
@@ -115,23 +128,42 @@ def from_result(result: pb.ExtractResult) -> ExtractResult:
     return ExtractResult(request_id=result.request_id, extraction=from_response(result.response))
 
 
-def from_info(info: pb.GetInfoResponse) -> ServerInfo:
-    bundles = tuple(
-        BundleInfo(
-            name=b.name,
-            version=b.version,
-            hidden_size=b.hidden_size,
-            functions=tuple(
-                FunctionInfo(
-                    name=f.name,
-                    description=f.description,
-                    slots=tuple(SlotInfo(s.name, s.type, s.optional, s.description) for s in f.slots),
-                )
-                for f in b.functions
-            ),
-        )
-        for b in info.bundles
+def from_bundle(b: pb.BundleInfo) -> BundleInfo:
+    return BundleInfo(
+        name=b.name,
+        version=b.version,
+        hidden_size=b.hidden_size,
+        functions=tuple(
+            FunctionInfo(
+                name=f.name,
+                description=f.description,
+                slots=tuple(SlotInfo(s.name, s.type, s.optional, s.description) for s in f.slots),
+            )
+            for f in b.functions
+        ),
+        utterance_segmentation=b.utterance_segmentation,
+        adapter_sha256=b.adapter_sha256,
+        heads_sha256=b.heads_sha256,
+        base_model_fingerprint=b.base_model_fingerprint,
+        is_default=b.is_default,
     )
+
+
+def from_bundle_list(reply: admin_pb.ListBundlesResponse) -> BundleList:
+    return BundleList(tuple(from_bundle(b) for b in reply.bundles), tuple(reply.engine_adapters))
+
+
+def from_loaded(reply: admin_pb.LoadBundleResponse) -> LoadedBundle:
+    replaced = reply.replaced_version if reply.HasField("replaced_version") else None
+    return LoadedBundle(from_bundle(reply.bundle), replaced, reply.load_seconds)
+
+
+def from_unloaded(reply: admin_pb.UnloadBundleResponse) -> UnloadedBundle:
+    return UnloadedBundle(from_bundle(reply.bundle), reply.drained_requests)
+
+
+def from_info(info: pb.GetInfoResponse) -> ServerInfo:
+    bundles = tuple(from_bundle(b) for b in info.bundles)
     precision = pb.Precision.Name(info.precision).removeprefix("PRECISION_").lower()
     return ServerInfo(
         model=info.model,

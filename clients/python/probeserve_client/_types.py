@@ -90,10 +90,42 @@ class FunctionInfo:
 
 @dataclass(frozen=True)
 class BundleInfo:
+    """A loaded bundle: its name (what ``bundle=`` asks for), functions, layout and digests."""
+
     name: str
     version: str
     hidden_size: int
     functions: tuple[FunctionInfo, ...]
+    utterance_segmentation: str = ""
+    adapter_sha256: str = ""
+    heads_sha256: str = ""
+    base_model_fingerprint: str = ""
+    is_default: bool = False
+
+
+@dataclass(frozen=True)
+class BundleList:
+    """What ListBundles reports: the loaded bundles and the adapters the engine itself holds."""
+
+    bundles: tuple[BundleInfo, ...]
+    engine_adapters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """What LoadBundle reports: the bundle now served, and the version it replaced, if any."""
+
+    bundle: BundleInfo
+    replaced_version: str | None
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class UnloadedBundle:
+    """What UnloadBundle reports: the bundle no longer served and the requests it let finish."""
+
+    bundle: BundleInfo
+    drained_requests: int
 
 
 @dataclass(frozen=True)

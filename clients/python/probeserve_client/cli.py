@@ -3,6 +3,7 @@
 probeserve-client --target localhost:50051 extract book_flight "Fly me to Rome on May 2nd"
 probeserve-client stream < items.jsonl      # lines of {"function": ..., "utterance": ...}
 probeserve-client info | health
+probeserve-client bundles | load-bundle DIR [--name N] [--replace] | unload-bundle NAME   # --admin
 probeserve-client loadtest --target HOST:PORT --rate 20 --duration 10 --out r.json --plot r.png
 """
 
@@ -44,11 +45,25 @@ def _parser() -> argparse.ArgumentParser:
     extract = command("extract", "extract the slots of one utterance")
     extract.add_argument("function")
     extract.add_argument("utterance")
-    extract.add_argument("--bundle", default="", help="bundle to ask for (default: the server's default)")
-    command("batch", "extract JSONL items from stdin in one call")
-    command("stream", "stream JSONL items from stdin, print results as they come")
+    bundle_help = "bundle to ask for (default: the server's default)"
+    extract.add_argument("--bundle", default="", help=bundle_help)
+    for name, what in (
+        ("batch", "extract JSONL items from stdin in one call"),
+        ("stream", "stream JSONL items from stdin, print results as they come"),
+    ):
+        command(name, what).add_argument("--bundle", default="", help=bundle_help + " for items naming none")
     command("info", "describe the server")
     command("health", "print the health status")
+    command("bundles", "list the loaded bundles and the engine's adapters (AdminService)")
+    load = command("load-bundle", "load a bundle directory on the server (AdminService)")
+    load.add_argument("path", help="the bundle directory, as a path on the server")
+    load.add_argument("--name", default="", help="serve it under this name (default: its own)")
+    load.add_argument("--replace", action="store_true", help="replace a loaded bundle of that name")
+    load.add_argument("--make-default", action="store_true", help="make it the default bundle")
+    unload = command(
+        "unload-bundle", "unload a bundle once its admitted requests are answered (AdminService)"
+    )
+    unload.add_argument("name")
     loadtest = command("loadtest", "put closed- or open-loop load on a server; print a report")
     loadtest_cli.add_arguments(loadtest)
     return parser
@@ -64,13 +79,22 @@ def main(argv: list[str] | None = None) -> None:
                 result = client.extract(args.function, args.utterance, bundle=args.bundle)
                 print(json.dumps(_jsonable(result), indent=2))
             elif args.command == "batch":
-                for item in client.extract_batch(parse_items(sys.stdin, "stdin")):
+                for item in client.extract_batch(parse_items(sys.stdin, "stdin"), bundle=args.bundle):
                     print(json.dumps(_jsonable(item)))
             elif args.command == "stream":
-                for item in client.stream(parse_items(sys.stdin, "stdin")):
+                for item in client.stream(parse_items(sys.stdin, "stdin"), bundle=args.bundle):
                     print(json.dumps(_jsonable(item)), flush=True)
             elif args.command == "info":
                 print(json.dumps(_jsonable(client.info()), indent=2))
+            elif args.command == "bundles":
+                print(json.dumps(_jsonable(client.bundles()), indent=2))
+            elif args.command == "load-bundle":
+                loaded = client.load_bundle(
+                    args.path, name=args.name, replace=args.replace, make_default=args.make_default
+                )
+                print(json.dumps(_jsonable(loaded), indent=2))
+            elif args.command == "unload-bundle":
+                print(json.dumps(_jsonable(client.unload_bundle(args.name)), indent=2))
             else:
                 print(client.health())
     except ProbeServeError as error:

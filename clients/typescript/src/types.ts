@@ -87,11 +87,18 @@ export interface FunctionInfo {
   slots: SlotInfo[];
 }
 
+/** A loaded bundle: its name (what `bundle` asks for), functions, layout and digests. */
 export interface BundleInfo {
   name: string;
   version: string;
   hiddenSize: number;
   functions: FunctionInfo[];
+  utteranceSegmentation: string;
+  adapterSha256: string;
+  headsSha256: string;
+  baseModelFingerprint: string;
+  /** Whether it answers requests that name no bundle. */
+  isDefault: boolean;
 }
 
 /** What GetInfo reports: the model, precision ("fp32", "awq_int4", ...), bundles, versions. */

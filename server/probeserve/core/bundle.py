@@ -14,8 +14,9 @@ Loading never executes code from the bundle: ``.pt`` heads go through ``torch.lo
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,30 @@ class Bundle:
     # How the prompt tokenizes the utterance (probeserve.core.segmentation); the bundle's heads
     # only point right in the layout they were trained with.
     utterance_segmentation: str = segmentation.DEFAULT_LAYOUT
+    # Content digests, so that a caller can tell two bundles of one name apart (GetInfo).
+    adapter_sha256: str = ""
+    heads_sha256: str = ""
 
     @property
     def hidden_size(self) -> int:
         return self.heads.hidden_size
+
+    @property
+    def base_model_fingerprint(self) -> str:
+        """The source model's fingerprint as `bundle pack` (or the manifest) recorded it."""
+        source = (self.pairing or {}).get("source") or self.manifest.get("base_model") or {}
+        return str(source.get("fingerprint", "")) if isinstance(source, Mapping) else ""
+
+
+def files_sha256(files: Iterable[Path]) -> str:
+    """One SHA-256 over the files' names and contents, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def parse_schemas(raw: Mapping[str, Any]) -> dict[str, FunctionSchema]:
@@ -171,6 +192,7 @@ def load_bundle(path: str | Path) -> Bundle:
     adapter_path = bundle_dir / ADAPTER_DIR
     adapter_config = _read_json(adapter_path / "adapter_config.json")
     heads = load_heads(bundle_dir)
+    heads_file = bundle_dir / (HEADS_SAFETENSORS if (bundle_dir / HEADS_SAFETENSORS).is_file() else HEADS_PT)
     functions = parse_schemas(_read_json(bundle_dir / SCHEMAS_FILE))
     pairing_path = bundle_dir / PAIRING_FILE
     pairing = _read_json(pairing_path) if pairing_path.is_file() else None
@@ -189,4 +211,6 @@ def load_bundle(path: str | Path) -> Bundle:
         manifest=manifest,
         pairing=pairing,
         utterance_segmentation=layout,
+        adapter_sha256=files_sha256(p for p in adapter_path.iterdir() if p.is_file()),
+        heads_sha256=files_sha256([heads_file]),
     )

@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar, cast, runtime_checkable
 import torch
 
 from probeserve.core.bundle import Bundle
-from probeserve.core.errors import ErrorKind, InvalidRequestError, ProbeError
+from probeserve.core.errors import InvalidRequestError, ProbeError
 from probeserve.core.heads import HeadDecisions
 from probeserve.core.prompt import PieceTokenizer, Prompt, PromptBuilder
 from probeserve.core.spans import decode_span
@@ -114,7 +114,11 @@ def new_request_id() -> str:
 
 
 class Extractor:
-    """Runs the pipeline for one loaded bundle over one engine."""
+    """Runs the pipeline for one loaded bundle over one engine (seen through the bundle's adapter).
+
+    Which bundle answers a request is the registry's business (``probeserve.core.registry``):
+    an extractor answers every request it is given with its own bundle.
+    """
 
     def __init__(self, bundle: Bundle, tokenizer: PieceTokenizer, engine: HiddenStateEngine) -> None:
         self.bundle = bundle
@@ -125,11 +129,6 @@ class Extractor:
 
     def prepare(self, request: ExtractionRequest) -> Prompt:
         """Validate a request and build its prompt; raises :class:`InvalidRequestError`."""
-        if request.bundle and request.bundle != self.bundle.name:
-            raise ProbeError(
-                f"bundle {request.bundle!r} is not loaded; this server serves {self.bundle.name!r}",
-                ErrorKind.NOT_FOUND,
-            )
         if not request.function:
             raise InvalidRequestError("function is required")
         if request.function not in self.bundle.functions:

@@ -3,22 +3,28 @@
 Both adapters run vLLM with the pooling runner and the ``token_embed`` task, so each request
 returns the final-norm hidden state of every prompt token. Pooled states are never normalised
 (``use_activation=False``): the NullHead was trained on raw states and its bias flips decisions
-on unit vectors. The bundle's LoRA adapter travels with every request as a ``LoRARequest``
-(unless it is merged into the weights). ``ServingEngine`` is what the transport needs of either.
+on unit vectors. Each bundle's LoRA adapter is registered with the engine as an :class:`Adapter`
+and travels with each of its requests as a ``LoRARequest`` (vLLM's multi-LoRA batches requests
+for different adapters in one step), unless a single bundle's adapter is merged into the weights.
+``ServingEngine`` is what the transport needs of either adapter; :func:`bind` gives the view of
+it with one bundle's adapter that the extraction pipeline and the pairing check read through.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import torch
 
 from probeserve.core.checkpoint import quantization as checkpoint_quantization
-from probeserve.core.errors import ProbeError
+from probeserve.core.errors import ErrorKind, ProbeError
+from probeserve.core.extraction import BatchReader, HiddenStateEngine
 
 log = structlog.get_logger(__name__)
 
@@ -53,12 +59,19 @@ class EngineConfig:
     """How to start the engine."""
 
     model: Path
-    adapter: Path
+    # lora_mode "merged": the one adapter merged into the weights. "adapter": unused; adapters
+    # are registered while the engine runs (ServingEngine.add_adapter).
+    adapter: Path | None
+    # The largest LoRA rank an adapter may have (vLLM sizes its adapter slots for it at start).
     lora_rank: int
     precision: str = "bf16"
-    # "adapter": the LoRA adapter travels with every request; "merged": it is merged into the
-    # base weights once (probeserve.engines.merge, cached and verified) and the engine runs without LoRA.
+    # "adapter": each request carries its bundle's adapter; "merged": the one bundle's adapter is
+    # merged into the base weights once (probeserve.engines.merge, cached and verified) and the
+    # engine runs without LoRA.
     lora_mode: str = "adapter"
+    # Distinct adapters one engine step may mix (vLLM's max_loras). More may be registered: vLLM
+    # keeps at most max(max_loras, MIN_CPU_LORAS) of them in memory and reloads others on use.
+    max_loras: int = 1
     # In-process engine driven by one thread (probeserve.engines.inline) instead of vLLM's
     # engine-core process: no hidden states cross a process boundary.
     inline: bool = DEFAULT_ENGINE == "inline"
@@ -136,6 +149,11 @@ def engine_version() -> str:
     return f"vllm {vllm.__version__}"
 
 
+# Adapters vLLM keeps loaded in host memory (its max_cpu_loras): beyond max_loras, so that the
+# adapters of several bundles are not reloaded from disk as requests alternate between them.
+MIN_CPU_LORAS = 16
+
+
 def _lora_rank_slot(rank: int) -> int:
     """vLLM accepts a fixed set of maximum LoRA ranks; take the smallest that fits."""
     for slot in (8, 16, 32, 64, 128, 256, 320, 512):
@@ -168,11 +186,14 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     if merged and config.precision in QUANTIZED_PRECISIONS and not dummy:
         raise ProbeError("an adapter cannot be merged into quantized weights; use lora_mode='adapter'")
     model = str(config.model)
+    if merged and config.adapter is None and not dummy:
+        raise ProbeError("lora_mode='merged' needs the adapter to merge")
     if merged and dummy:
         log.warning("merge_skipped", why="dummy weights: no LoRA in the engine, the cost of a merged adapter")
     elif merged:
         from probeserve.engines.merge import merged_checkpoint
 
+        assert config.adapter is not None  # checked above
         model = str(merged_checkpoint(config.model, config.adapter, PRECISION_DTYPES[config.precision]))
     kwargs: dict[str, Any] = {
         "model": model,
@@ -190,7 +211,12 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
         "load_format": config.load_format,
     }
     if not merged:
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(config.lora_rank))
+        kwargs.update(
+            enable_lora=True,
+            max_loras=config.max_loras,
+            max_cpu_loras=max(config.max_loras, MIN_CPU_LORAS),
+            max_lora_rank=_lora_rank_slot(config.lora_rank),
+        )
     sizes = [size for size in CUDA_GRAPH_SIZES if size <= kwargs["max_num_batched_tokens"]]
     if sizes and not config.enforce_eager and torch.cuda.is_available():
         kwargs["cudagraph_capture_sizes"] = sizes
@@ -204,17 +230,51 @@ def pooling_params() -> Any:
     return PoolingParams(task="token_embed", use_activation=False)
 
 
-def lora_request(config: EngineConfig) -> Any:
-    """The adapter sent with every request, or ``None`` when it is merged into the weights."""
-    if config.lora_mode == "merged":
-        return None
-    from vllm.lora.request import LoRARequest
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter registered with the engine; vLLM knows it by ``lora_id``."""
 
-    return LoRARequest("bundle", 1, str(config.adapter))
+    name: str
+    lora_id: int
+    path: Path
+    rank: int
+
+    @functools.cached_property
+    def lora_request(self) -> Any:
+        """vLLM's request object for it, made once: it goes with every request of its bundle."""
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.name, self.lora_id, str(self.path))
+
+
+class AdapterIds:
+    """Numbers adapters for one engine and checks that it can take them."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._ids = itertools.count(1)
+
+    def new(self, name: str, path: Path, rank: int) -> Adapter:
+        config = self._config
+        if config.lora_mode != "adapter":
+            raise ProbeError(
+                "this engine runs one bundle's adapter merged into its weights (--lora-mode merged), "
+                "so it cannot take another adapter; serve several bundles with --lora-mode adapter",
+                ErrorKind.FAILED_PRECONDITION,
+            )
+        slot = _lora_rank_slot(config.lora_rank)
+        if rank > slot:
+            raise ProbeError(
+                f"adapter {name!r} has LoRA rank {rank}; this engine was started for ranks up to "
+                f"{slot} (--max-lora-rank)",
+                ErrorKind.FAILED_PRECONDITION,
+            )
+        return Adapter(name, next(self._ids), path, rank)
 
 
 class ServingEngine(Protocol):
-    """What the server needs from an engine: hidden states, health, and a way to stop it."""
+    """What the server needs from an engine: hidden states under an adapter, the adapters it
+    holds, health, and a way to stop it."""
 
     @property
     def max_prompt_tokens(self) -> int: ...
@@ -227,6 +287,58 @@ class ServingEngine(Protocol):
 
     def unfinished_requests(self) -> int: ...
 
-    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor: ...
+    async def hidden_states(
+        self, request_id: str, token_ids: list[int], adapter: Adapter | None
+    ) -> torch.Tensor: ...
+
+    async def add_adapter(self, name: str, path: Path, rank: int) -> Adapter:
+        """Register and load an adapter (a broken one fails here, not on its first request)."""
+        ...
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        """Unload an adapter; call only once no request uses it."""
+        ...
+
+    async def adapter_ids(self) -> set[int]:
+        """The ids of the adapters the engine holds, as vLLM lists them."""
+        ...
 
     def shutdown(self) -> None: ...
+
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+
+class _Bound:
+    """An engine seen through one adapter (None: the weights alone, or a merged adapter)."""
+
+    def __init__(self, engine: ServingEngine, adapter: Adapter | None) -> None:
+        self.engine = engine
+        self.adapter = adapter
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.engine.max_prompt_tokens
+
+    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
+        return await self.engine.hidden_states(request_id, token_ids, self.adapter)
+
+
+class _BoundInPlace(_Bound):
+    """Likewise, for an engine that runs a reader where it makes the states (ReadsInPlace)."""
+
+    async def read_states(
+        self, request_id: str, token_ids: list[int], reader: BatchReader[C, R], context: C
+    ) -> R:
+        result: R = await self.engine.read_states(  # type: ignore[attr-defined]
+            request_id, token_ids, reader, context, self.adapter
+        )
+        return result
+
+
+def bind(engine: ServingEngine, adapter: Adapter | None) -> HiddenStateEngine:
+    """The engine as one bundle's pipeline and pairing check see it: every request under ``adapter``."""
+    if hasattr(engine, "read_states"):
+        return _BoundInPlace(engine, adapter)
+    return _Bound(engine, adapter)

@@ -20,6 +20,9 @@ over the network the first arrivals would start a small step of their own and th
 wait for it: a closed loop of 8 clients splits into groups that take turns. ``batch_wait_ms``
 lets an idle engine wait (a bounded time) until as many requests are queued as its last step
 answered, which keeps such a burst in one step; a lone caller never waits.
+Each request carries its bundle's adapter, so requests of several bundles share a step (vLLM's
+multi-LoRA). Adding, removing and listing adapters are commands too: the thread runs them between
+steps, as it must, since the engine core is not thread-safe.
 A cancelled coroutine aborts its request; an engine exception marks the engine errored and fails
 every waiter with :class:`EngineUnavailableError`. The interface is that of ``VllmEngine``.
 """
@@ -33,8 +36,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -44,9 +48,10 @@ from probeserve.core.errors import EngineUnavailableError, ProbeError
 from probeserve.core.extraction import BatchReader
 from probeserve.engines.config import (
     ENGINE_SHUTDOWN_TIMEOUT_S,
+    Adapter,
+    AdapterIds,
     EngineConfig,
     engine_kwargs,
-    lora_request,
     pooling_params,
     prepare_environment,
 )
@@ -69,6 +74,7 @@ class _Add:
     future: asyncio.Future[Any]
     reader: BatchReader[Any, Any] | None = None  # None: the hidden states themselves
     context: Any = None  # the reader's item for this request
+    adapter: Adapter | None = None
 
 
 @dataclass
@@ -76,11 +82,20 @@ class _Abort:
     engine_id: str
 
 
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread, between steps (adapter management)."""
+
+    fn: Callable[[Any], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
 class _Wake:
     """Sent by shutdown so that an idle thread notices the stop flag at once."""
 
 
-_Command = _Add | _Abort | _Wake
+_Command = _Add | _Abort | _Call | _Wake
 
 
 def _settle(future: asyncio.Future[Any], outcome: object) -> None:
@@ -93,27 +108,27 @@ def _settle(future: asyncio.Future[Any], outcome: object) -> None:
         future.set_result(outcome)
 
 
-def _post(command: _Add, outcome: object) -> None:
+def _post(command: _Add | _Call, outcome: object) -> None:
     """Hand a request's outcome to its caller's event loop (from the engine thread)."""
     with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
         command.loop.call_soon_threadsafe(_settle, command.future, outcome)
 
 
 class InlineEngine:
-    """Hidden states of prompts from an in-process vLLM ``LLMEngine`` with one LoRA adapter applied."""
+    """Hidden states of prompts from an in-process vLLM ``LLMEngine``, each under its request's adapter."""
 
     def __init__(self, config: EngineConfig, kwargs: dict[str, Any]) -> None:
         self.config = config
         self._kwargs = kwargs
         self._engine: Any = None
         self._params: Any = None
-        self._lora: Any = None
+        self._ids = AdapterIds(config)
         self._max_model_len = 0
         self._tensor_parallel_size = 0
         self._hidden_size = 0
         self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._pending: dict[str, _Add] = {}  # the engine thread's alone
-        self._ids = itertools.count()
+        self._request_numbers = itertools.count()
         self._submit_lock = threading.Lock()
         self._closed = False  # under _submit_lock: no more commands are taken
         self._errored = False
@@ -163,33 +178,70 @@ class InlineEngine:
             return 0
         return int(engine.get_num_unfinished_requests())
 
-    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
-        hidden: torch.Tensor = await self._submit(request_id, token_ids)
+    async def hidden_states(
+        self, request_id: str, token_ids: list[int], adapter: Adapter | None
+    ) -> torch.Tensor:
+        hidden: torch.Tensor = await self._submit(request_id, token_ids, adapter)
         return hidden
 
     async def read_states(
-        self, request_id: str, token_ids: list[int], reader: BatchReader[C, R], context: C
+        self,
+        request_id: str,
+        token_ids: list[int],
+        reader: BatchReader[C, R],
+        context: C,
+        adapter: Adapter | None,
     ) -> R:
         """This request's item of ``reader([(states, context), ...])``, which the engine thread
         calls once per step for every request of that step with the same reader."""
-        result: R = await self._submit(request_id, token_ids, reader, context)
+        result: R = await self._submit(request_id, token_ids, adapter, reader, context)
         return result
+
+    async def add_adapter(self, name: str, path: Path, rank: int) -> Adapter:
+        adapter = self._ids.new(name, path, rank)
+        try:
+            added = await self._call(lambda engine: engine.add_lora(adapter.lora_request))
+        except ProbeError:
+            raise
+        except Exception as exc:
+            raise ProbeError(f"the engine cannot load adapter {path}: {exc}") from exc
+        if not added:
+            raise ProbeError(f"the engine did not load adapter {path}")
+        return adapter
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        await self._call(lambda engine: engine.remove_lora(adapter.lora_id))
+
+    async def adapter_ids(self) -> set[int]:
+        ids: set[int] = set(await self._call(lambda engine: engine.list_loras()))
+        return ids
+
+    async def _call(self, fn: Callable[[Any], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._put(_Call(fn, loop, future))
+        return await future
+
+    def _put(self, command: _Command) -> None:
+        with self._submit_lock:
+            if self._closed or self._errored:
+                raise EngineUnavailableError("the inference engine has stopped")
+            self._queue.put(command)
 
     async def _submit(
         self,
         request_id: str,
         token_ids: list[int],
+        adapter: Adapter | None,
         reader: BatchReader[Any, Any] | None = None,
         context: Any = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         # Unique within the engine even when callers reuse a request id.
-        command = _Add(f"{request_id}-{next(self._ids)}", token_ids, loop, future, reader, context)
-        with self._submit_lock:
-            if self._closed or self._errored:
-                raise EngineUnavailableError("the inference engine has stopped")
-            self._queue.put(command)
+        engine_id = f"{request_id}-{next(self._request_numbers)}"
+        command = _Add(engine_id, token_ids, loop, future, reader, context, adapter)
+        self._put(command)
         try:
             return await future
         except asyncio.CancelledError:
@@ -218,8 +270,6 @@ class InlineEngine:
         self._hidden_size = int(model_config.get_hidden_size())
         self._tensor_parallel_size = int(self._engine.vllm_config.parallel_config.tensor_parallel_size)
         self._params = pooling_params()
-        # No adapter slots in the engine (a merged adapter): requests go without a LoRARequest.
-        self._lora = lora_request(self.config) if self._kwargs.get("enable_lora") else None
 
     def _run(self) -> None:
         try:
@@ -303,7 +353,7 @@ class InlineEngine:
                     command.engine_id,
                     {"prompt_token_ids": command.token_ids},
                     self._params,
-                    lora_request=self._lora,
+                    lora_request=command.adapter.lora_request if command.adapter else None,
                 )
             except Exception as exc:  # a request the engine refuses (too long, ...)
                 _post(command, ProbeError(f"engine request failed: {exc}"))
@@ -312,6 +362,12 @@ class InlineEngine:
             return 1
         if isinstance(command, _Abort) and self._pending.pop(command.engine_id, None) is not None:
             self._engine.abort_request([command.engine_id])
+        if isinstance(command, _Call) and not command.future.done():
+            try:
+                outcome = command.fn(self._engine)
+            except Exception as exc:  # the caller's to handle, not the engine's
+                outcome = exc
+            _post(command, outcome)
         return 0
 
     def _finish(self, outputs: list[Any]) -> None:
@@ -344,14 +400,14 @@ class InlineEngine:
         """Take no more commands and fail every request still waiting, queued or in the engine."""
         with self._submit_lock:
             self._closed = True
-        waiting = list(self._pending.values())
+        waiting: list[_Add | _Call] = list(self._pending.values())
         self._pending.clear()
         while True:
             try:
                 command = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(command, _Add):
+            if isinstance(command, _Add | _Call):
                 waiting.append(command)
         for command in waiting:
             _post(command, error)

@@ -7,6 +7,7 @@ inline engine (``probeserve.engines.inline``) avoids that hop.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -15,9 +16,10 @@ import torch
 from probeserve.core.errors import EngineUnavailableError, ProbeError
 from probeserve.engines.config import (
     ENGINE_SHUTDOWN_TIMEOUT_S,
+    Adapter,
+    AdapterIds,
     EngineConfig,
     engine_kwargs,
-    lora_request,
     pooling_params,
     prepare_environment,
 )
@@ -26,14 +28,14 @@ log = structlog.get_logger(__name__)
 
 
 class VllmEngine:
-    """Hidden states of prompts from vLLM's ``AsyncLLM`` with one LoRA adapter applied."""
+    """Hidden states of prompts from vLLM's ``AsyncLLM``, each under its request's LoRA adapter."""
 
     def __init__(self, engine: Any, config: EngineConfig, max_model_len: int) -> None:
         self._engine = engine
         self.config = config
         self._max_model_len = max_model_len
         self._params = pooling_params()
-        self._lora = lora_request(config)
+        self._ids = AdapterIds(config)
 
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
@@ -73,22 +75,46 @@ class VllmEngine:
         # torch 2.11); both read this output processor's count.
         return int(self._engine.output_processor.get_num_unfinished_requests())
 
-    async def hidden_states(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
+    def _live(self) -> Any:
         if self._engine is None or self._engine.errored:
             raise EngineUnavailableError("the inference engine has stopped")
+        return self._engine
+
+    async def add_adapter(self, name: str, path: Path, rank: int) -> Adapter:
+        adapter = self._ids.new(name, path, rank)
+        try:
+            added = await self._live().add_lora(adapter.lora_request)
+        except ProbeError:
+            raise
+        except Exception as exc:
+            raise ProbeError(f"the engine cannot load adapter {path}: {exc}") from exc
+        if not added:
+            raise ProbeError(f"the engine did not load adapter {path}")
+        return adapter
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        await self._live().remove_lora(adapter.lora_id)
+
+    async def adapter_ids(self) -> set[int]:
+        return set(await self._live().list_loras())
+
+    async def hidden_states(
+        self, request_id: str, token_ids: list[int], adapter: Adapter | None
+    ) -> torch.Tensor:
+        engine = self._live()
         final = None
         try:
-            async for output in self._engine.encode(
+            async for output in engine.encode(
                 {"prompt_token_ids": token_ids},
                 self._params,
                 request_id,
-                lora_request=self._lora,
+                lora_request=adapter.lora_request if adapter else None,
             ):
                 final = output
         except (asyncio.CancelledError, ProbeError):
             raise
         except Exception as exc:
-            if self._engine.errored:
+            if engine.errored:
                 raise EngineUnavailableError(f"the inference engine has stopped: {exc}") from exc
             raise ProbeError(f"engine request failed: {exc}") from exc
         if final is None:

@@ -28,7 +28,7 @@ import structlog
 
 from probeserve.core.bundle import Bundle
 from probeserve.core.checkpoint import QUANTIZATION_RECORD, read_config
-from probeserve.core.errors import ProbeError
+from probeserve.core.errors import ErrorKind, ProbeError
 from probeserve.core.extraction import HiddenStateEngine
 from probeserve.core.prompt import PromptBuilder
 from probeserve.pairing import calibration, fingerprint
@@ -70,6 +70,8 @@ class Check:
 
 class PairingError(ProbeError):
     """The serving model is not the one the bundle was trained for (or cannot be shown to be)."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
 
     def __init__(self, check: Check) -> None:
         super().__init__(

@@ -1,4 +1,8 @@
-"""Bearer-token authentication as a server interceptor; health checks stay open for probes."""
+"""Bearer-token authentication as a server interceptor; health checks stay open for probes.
+
+Refused calls never reach a servicer, so the interceptor reports each one (``on_denied``): an
+operator must be able to tell an attack or a misconfigured caller from silence.
+"""
 
 from __future__ import annotations
 
@@ -34,11 +38,17 @@ else:
 class BearerTokenInterceptor(_Interceptor):
     """Admit calls whose ``authorization`` metadata is ``Bearer <token>`` for a known token."""
 
-    def __init__(self, tokens: Iterable[str], open_methods: frozenset[str] = OPEN_METHODS) -> None:
+    def __init__(
+        self,
+        tokens: Iterable[str],
+        open_methods: frozenset[str] = OPEN_METHODS,
+        on_denied: Callable[[str], None] | None = None,
+    ) -> None:
         self._expected = [f"Bearer {t}".encode() for t in tokens if t]
         if not self._expected:
             raise ValueError("at least one non-empty token is required")
         self._open = open_methods
+        self._on_denied = on_denied  # called with the full method name of each refused call
 
     def _authorized(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
         for key, value in metadata or ():
@@ -57,4 +67,6 @@ class BearerTokenInterceptor(_Interceptor):
             return handler
         if self._authorized(handler_call_details.invocation_metadata):
             return handler
+        if self._on_denied is not None:
+            self._on_denied(handler_call_details.method)
         return _deny_handler(handler)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from probeserve.core.bundle import Bundle
 from probeserve.core.extraction import Extraction, ExtractionRequest
+from probeserve.core.registry import LoadedBundle
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
 
 PRECISIONS = {
@@ -32,11 +32,17 @@ def to_response(extraction: Extraction) -> pb.ExtractResponse:
     return response
 
 
-def bundle_info(bundle: Bundle) -> pb.BundleInfo:
+def bundle_info(entry: LoadedBundle, default_name: str) -> pb.BundleInfo:
+    bundle = entry.bundle
     return pb.BundleInfo(
-        name=bundle.name,
+        name=entry.name,
         version=bundle.version,
         hidden_size=bundle.hidden_size,
+        utterance_segmentation=bundle.utterance_segmentation,
+        adapter_sha256=bundle.adapter_sha256,
+        heads_sha256=bundle.heads_sha256,
+        base_model_fingerprint=bundle.base_model_fingerprint,
+        is_default=entry.name == default_name,
         functions=[
             pb.FunctionInfo(
                 name=fn.name,

@@ -6,6 +6,7 @@ A private registry keeps these apart from vLLM's own metrics in the default regi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -23,16 +24,16 @@ class Metrics:
         self.calls = Counter(
             "probeserve_calls", "RPC calls by method and final status code", ["rpc", "code"], registry=r
         )
+        # bundle: the loaded bundle that answered, or "" when none did (unknown name, refused early).
         self.items = Counter(
-            "probeserve_items", "Extraction items (unary, batch or stream) by status code", ["rpc", "code"],
-            registry=r,
+            "probeserve_items", "Extraction items (unary, batch or stream) by bundle and status code",
+            ["rpc", "bundle", "code"], registry=r,
         )  # fmt: skip
         self.latency = Histogram(
-            "probeserve_item_latency_seconds", "Per-item latency by stage", ["stage"],
+            "probeserve_item_latency_seconds", "Per-item latency by stage and bundle", ["stage", "bundle"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        # Resolved once: the per-item path observes all four stages on every answer.
-        self.stage_latency = {stage: self.latency.labels(stage) for stage in STAGES}
+        self._stages: dict[str, dict[str, Any]] = {}
         self.in_flight = Gauge(
             "probeserve_in_flight_items", "Items admitted and not yet answered", registry=r
         )
@@ -44,6 +45,13 @@ class Metrics:
             "probeserve_engine_unfinished_requests", "Requests the engine still holds", registry=r
         )
         self.engine_up = Gauge("probeserve_engine_up", "1 while the engine is ready and alive", registry=r)
+
+    def stage_latency(self, bundle: str) -> dict[str, Any]:
+        """The four stage histograms of a bundle, resolved once: every answer observes all four."""
+        stages = self._stages.get(bundle)
+        if stages is None:
+            stages = self._stages[bundle] = {stage: self.latency.labels(stage, bundle) for stage in STAGES}
+        return stages
 
     def watch_engine(self, unfinished: Callable[[], int], up: Callable[[], bool]) -> None:
         """Read the engine's own counters at scrape time."""

@@ -1,4 +1,5 @@
-"""Server assembly: gRPC first (health NOT_SERVING), then the engine, a warm-up, then SERVING.
+"""Server assembly: gRPC first (health NOT_SERVING), then the engine, the bundles (each warmed
+up and paired), then SERVING. With ``admin``, AdminService loads and unloads bundles later.
 
 Shutdown on SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, calls in flight
 finish within the grace period, then the engine shuts down and the process exits 0. If the
@@ -8,7 +9,7 @@ engine dies, a watchdog turns health NOT_SERVING; calls then fail fast with UNAV
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import ipaddress
 import signal
 import time
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from probeserve.core.bundle import Bundle, load_bundle
-from probeserve.core.extraction import ExtractionRequest, Extractor
+from probeserve.core.bundle import Bundle
+from probeserve.core.errors import ProbeError
+from probeserve.core.extraction import Extractor
 from probeserve.core.tokenization import HfPieceTokenizer
 from probeserve.engines.config import (
     DEFAULT_BATCH_WAIT_MS,
@@ -32,19 +34,27 @@ from probeserve.engines.config import (
     DEFAULT_ENGINE,
     EngineConfig,
     ServingEngine,
+    bind,
     engine_version,
 )
 from probeserve.engines.start import start_engine
-from probeserve.pairing.checks import Check, PairingError, function_checks, raise_on_failure, static_checks
+from probeserve.pairing.checks import Check, PairingError, function_checks, static_checks
+from probeserve.transport.admin import AdminServicer
 from probeserve.transport.auth import BearerTokenInterceptor
+from probeserve.transport.bundles import BundleLoader, BundleSpec, Pairing, read_bundle
 from probeserve.transport.servicer import ProbeServicer, ServerLimits, ServingState
+from probeserve_client._proto.probeserve.v1 import admin_service_pb2, admin_service_pb2_grpc
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2 as pb
 from probeserve_client._proto.probeserve.v1 import probe_service_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProbeService"].full_name
-WARMUP_UTTERANCE = "warm up the engine"
+ADMIN_SERVICE_NAME = admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# Adapter slots per engine step when --admin may bring more bundles than the start-up ones.
+ADMIN_MIN_LORAS = 4
+# The LoRA rank the engine is sized for with --admin when the start-up bundles' is lower.
+ADMIN_MIN_LORA_RANK = 16
 WATCHDOG_INTERVAL_S = 0.5
 # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED) before any handler runs; below it,
 # ServerLimits.max_message_bytes gives INVALID_ARGUMENT with the limit named.
@@ -70,7 +80,7 @@ class TlsConfig:
 class ServeConfig:
     """Everything ``probeserve serve`` needs."""
 
-    bundle: Path
+    bundles: tuple[BundleSpec, ...]
     model: Path
     precision: str = "bf16"
     lora_mode: str = "adapter"
@@ -95,12 +105,27 @@ class ServeConfig:
     # Close each client connection after this long (then a grace of the same length for calls
     # on it), so clients that balance over DNS re-resolve and find new replicas. None: never.
     max_connection_age_s: float | None = None
+    # The bundle that answers requests naming none ('' : the first); AdminService (--admin).
+    default_bundle: str = ""
+    admin: bool = False
+    # Adapters one engine step may mix, and the largest LoRA rank (None: from the bundles).
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
 
-    def engine_config(self, bundle: Bundle) -> EngineConfig:
+    def engine_config(self, bundles: list[Bundle]) -> EngineConfig:
+        merged = self.lora_mode == "merged"
+        if merged and (len(bundles) != 1 or self.admin):
+            raise ProbeError(
+                "--lora-mode merged serves exactly one bundle (its adapter is merged into the weights); "
+                "several bundles, or --admin, need --lora-mode adapter"
+            )
+        admin_loras = ADMIN_MIN_LORAS if self.admin else 1
+        admin_rank = ADMIN_MIN_LORA_RANK if self.admin else 1
         return EngineConfig(
             model=self.model,
-            adapter=bundle.adapter_path,
-            lora_rank=bundle.lora_rank,
+            adapter=bundles[0].adapter_path if merged else None,
+            lora_rank=self.max_lora_rank or max(admin_rank, *(b.lora_rank for b in bundles)),
+            max_loras=self.max_loras or max(admin_loras, len(bundles)),
             precision=self.precision,
             lora_mode=self.lora_mode,
             inline=self.inline,
@@ -114,36 +139,73 @@ class ServeConfig:
         )
 
 
-def _heads_beside_engine(bundle: Bundle) -> Bundle:
-    """On a GPU machine the heads run on the GPU, where the engine's hidden states are made."""
-    if not torch.cuda.is_available():
-        return bundle
-    return dataclasses.replace(bundle, heads=bundle.heads.to("cuda"))
-
-
 async def _set_health(servicer: HealthServicer, status: int) -> None:
     for name in ("", SERVICE_NAME):
         await servicer.set(name, status)
 
 
-async def _warm_up(extractor: Extractor) -> None:
-    function = next(iter(extractor.bundle.functions))
-    await extractor.extract(ExtractionRequest(function, WARMUP_UTTERANCE, "warmup"))
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def _static_pairing(config: ServeConfig, bundle: Bundle) -> list[Check]:
-    """Structure and provenance, before the engine starts; raises PairingError on a failure."""
-    checks = static_checks(bundle, config.model, config.precision)
-    raise_on_failure(checks)
-    return checks
+def check_config(config: ServeConfig) -> None:
+    """Refuse what must not run: an open admin service, clashing names, an unknown default."""
+    if config.admin and not config.auth_tokens and not _is_loopback(config.host):
+        raise ProbeError(
+            f"--admin without auth would let anyone who reaches {config.host} load bundles: "
+            "give --auth-token-file (or PROBESERVE_AUTH_TOKEN), or listen on a loopback address"
+        )
+    if not config.bundles:
+        raise ProbeError("no bundle to serve: give --bundle")
 
 
-async def _function_pairing(config: ServeConfig, extractor: Extractor) -> list[Check]:
-    """The calibration references through the running engine; raises PairingError on a failure."""
-    checks = await function_checks(extractor.bundle, extractor.prompts, extractor.engine, config.precision)
-    raise_on_failure(checks)
-    log.info("pairing_passed", checks=len(checks), precision=config.precision, lora_mode=config.lora_mode)
-    return checks
+def _read_bundles(config: ServeConfig) -> list[tuple[str, Bundle]]:
+    """Read every start-up bundle and run its static pairing checks, the default one first."""
+    pairing = Pairing(config.model, config.precision, config.skip_pairing_check)
+    named = [read_bundle(spec, pairing) for spec in config.bundles]
+    names = [name for name, _ in named]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ProbeError(f"two bundles are named {repeated[0]!r}: name them with --bundle NAME=PATH")
+    if config.default_bundle and config.default_bundle not in names:
+        raise ProbeError(f"--default-bundle {config.default_bundle!r} is none of {', '.join(names)}")
+    default = config.default_bundle or names[0]
+    return sorted(named, key=lambda item: item[0] != default)
+
+
+async def check_pairing(config: ServeConfig, keep_going: bool = False) -> dict[str, list[Check]]:
+    """Every pairing check of every bundle, as ``serve`` runs them, without a gRPC server.
+
+    A failed static check ends it (as it ends ``serve``) unless ``keep_going``: then the engine
+    checks run too, to show how far from the source the model answers.
+    """
+    results: dict[str, list[Check]] = {}
+    bundles: list[tuple[str, Bundle]] = []
+    for spec in config.bundles:
+        name, bundle = read_bundle(spec, Pairing(config.model, config.precision, skip=True))
+        results[name] = static_checks(bundle, config.model, config.precision)
+        bundles.append((name, bundle))
+    if not keep_going and any(not c.passed for checks in results.values() for c in checks):
+        return results
+    engine = await asyncio.to_thread(start_engine, config.engine_config([b for _, b in bundles]))
+    try:
+        tokenizer = HfPieceTokenizer.from_pretrained(config.model)
+        for name, bundle in bundles:
+            adapter = None
+            if config.lora_mode != "merged":
+                adapter = await engine.add_adapter(name, bundle.adapter_path, bundle.lora_rank)
+            extractor = Extractor(bundle, tokenizer, bind(engine, adapter))
+            results[name] += await function_checks(
+                bundle, extractor.prompts, extractor.engine, config.precision
+            )
+        return results
+    finally:
+        engine.shutdown()
 
 
 def _log_failed(exc: PairingError) -> None:
@@ -154,24 +216,6 @@ def _log_failed(exc: PairingError) -> None:
     )  # fmt: skip
 
 
-async def check_pairing(config: ServeConfig, keep_going: bool = False) -> list[Check]:
-    """Every pairing check, as ``serve`` runs them, without a gRPC server.
-
-    A failed static check ends it (as it ends ``serve``) unless ``keep_going``: then the engine
-    checks run too, to show how far from the source the model answers.
-    """
-    bundle = load_bundle(config.bundle)
-    checks = static_checks(bundle, config.model, config.precision)
-    if not keep_going and any(not c.passed for c in checks):
-        return checks
-    engine = await asyncio.to_thread(start_engine, config.engine_config(bundle))
-    try:
-        extractor = Extractor(bundle, HfPieceTokenizer.from_pretrained(config.model), engine)
-        return checks + await function_checks(bundle, extractor.prompts, engine, config.precision)
-    finally:
-        engine.shutdown()
-
-
 async def _watch_engine(engine: ServingEngine, health: HealthServicer, state: ServingState) -> None:
     """Turn health NOT_SERVING as soon as the engine is found dead."""
     while not engine.errored:
@@ -180,8 +224,17 @@ async def _watch_engine(engine: ServingEngine, health: HealthServicer, state: Se
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def _build_server(config: ServeConfig, state: ServingState) -> tuple[grpc.aio.Server, HealthServicer, int]:
-    interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
+def _build_server(
+    config: ServeConfig, state: ServingState
+) -> tuple[grpc.aio.Server, HealthServicer, AdminServicer | None, int]:
+    interceptors = []
+    if config.auth_tokens:
+        denied = state.metrics.calls
+
+        def count_denied(method: str) -> None:
+            denied.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+
+        interceptors.append(BearerTokenInterceptor(config.auth_tokens, on_denied=count_denied))
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", HARD_MESSAGE_CAP),
         ("grpc.max_send_message_length", HARD_MESSAGE_CAP),
@@ -191,12 +244,15 @@ def _build_server(config: ServeConfig, state: ServingState) -> tuple[grpc.aio.Se
         options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     pb_grpc.add_ProbeServiceServicer_to_server(ProbeServicer(state, config.limits), server)
+    services = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    admin = None
+    if config.admin:
+        admin = AdminServicer(state)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        services.append(ADMIN_SERVICE_NAME)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     if config.tls is not None:
         port = server.add_secure_port(address, config.tls.credentials())
@@ -204,7 +260,7 @@ def _build_server(config: ServeConfig, state: ServingState) -> tuple[grpc.aio.Se
         port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    return server, health_servicer, port
+    return server, health_servicer, admin, port
 
 
 async def serve(
@@ -220,17 +276,14 @@ async def serve(
     # The head math is a few small matmuls per request: one thread is fastest, and leaves the
     # cores to the engine-core process instead of fighting it for them.
     torch.set_num_threads(1)
-    bundle = _heads_beside_engine(load_bundle(config.bundle))
+    check_config(config)
     tokenizer = HfPieceTokenizer.from_pretrained(config.model)
     state = ServingState(
-        bundle=bundle,
-        model=str(config.model),
-        precision=config.precision,
-        log_utterances=config.log_utterances,
+        model=str(config.model), precision=config.precision, log_utterances=config.log_utterances
     )
     if config.log_utterances:
         log.warning("logging_utterances", note="utterance text goes into the logs (--log-utterances)")
-    server, health_servicer, port = _build_server(config, state)
+    server, health_servicer, admin, port = _build_server(config, state)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     metrics_port = None
@@ -238,7 +291,8 @@ async def serve(
         metrics_port = state.metrics.serve(config.metrics_host, config.metrics_port)
     log.info(
         "listening", address=f"{config.host}:{port}", tls=config.tls is not None,
-        auth=bool(config.auth_tokens), metrics_port=metrics_port, bundle=bundle.name, health="NOT_SERVING",
+        auth=bool(config.auth_tokens), admin=config.admin, metrics_port=metrics_port,
+        bundles=[str(spec.path) for spec in config.bundles], health="NOT_SERVING",
     )  # fmt: skip
 
     stop = stop or asyncio.Event()
@@ -249,14 +303,9 @@ async def serve(
     engine: ServingEngine | None = None
     watchdog: asyncio.Task[None] | None = None
     try:
-        if config.skip_pairing_check:
-            log.warning(
-                "pairing_check_skipped", model=str(config.model), bundle=bundle.name,
-                note="--skip-pairing-check: nothing shows this model is the one the bundle was trained for",
-            )  # fmt: skip
-        else:
-            _static_pairing(config, bundle)
-        engine_task = asyncio.create_task(asyncio.to_thread(start_engine, config.engine_config(bundle)))
+        bundles = _read_bundles(config)  # static pairing checks: before the engine starts
+        engine_config = config.engine_config([b for _, b in bundles])
+        engine_task = asyncio.create_task(asyncio.to_thread(start_engine, engine_config))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({engine_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not engine_task.done():
@@ -266,17 +315,23 @@ async def serve(
         engine = engine_task.result()
         live_engine = engine
         state.metrics.watch_engine(live_engine.unfinished_requests, lambda: not live_engine.errored)
-        extractor = Extractor(bundle, tokenizer, engine)
-        await _warm_up(extractor)
-        if not config.skip_pairing_check:
-            await _function_pairing(config, extractor)
+        pairing = Pairing(config.model, config.precision, config.skip_pairing_check)
+        loader = BundleLoader(
+            state.registry, engine, tokenizer, pairing, merged=engine_config.lora_mode == "merged"
+        )
+        for name, bundle in bundles:
+            await loader.attach(name, bundle)
         state.engine_version = engine_version()
-        state.extractor = extractor
+        state.max_prompt_tokens = engine.max_prompt_tokens
+        state.ready = True
+        if admin is not None:
+            admin.loader = loader
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
         watchdog = asyncio.create_task(_watch_engine(engine, health_servicer, state))
         log.info(
-            "serving", address=f"{config.host}:{port}", startup_s=round(time.perf_counter() - started, 1)
-        )
+            "serving", address=f"{config.host}:{port}", bundles=[e.name for e in state.registry.entries()],
+            default_bundle=state.registry.default_name, startup_s=round(time.perf_counter() - started, 1),
+        )  # fmt: skip
         if on_serving is not None:
             on_serving(state, port)
         await stop.wait()
@@ -291,7 +346,8 @@ async def serve(
         drained_s = round(time.perf_counter() - drain_started, 2)
         if watchdog is not None:
             watchdog.cancel()
-        state.extractor = None
+        state.ready = False
+        state.registry.clear()
         if engine is not None:
             engine.shutdown()
         log.info("stopped", drain_s=drained_s, total_s=round(time.perf_counter() - drain_started, 2))

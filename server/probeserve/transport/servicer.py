@@ -1,7 +1,8 @@
 """The gRPC transport: ProbeService handlers over the extraction pipeline.
 
-Each handler converts the request, delegates to the :class:`Extractor`, and converts back. Errors
-from the core carry an :class:`ErrorKind`; :data:`STATUS_CODES` is the one table that maps them.
+Each handler converts the request, takes a lease on the bundle it names from the registry, delegates
+to that bundle's :class:`Extractor`, and converts back. Errors from the core carry an
+:class:`ErrorKind`; :data:`STATUS_CODES` is the one table that maps them.
 Admission control, per-call limits, deadlines, metrics and the per-item log line live here too,
 applied in one place (:meth:`ProbeServicer._run_item`) for unary, batch and stream items alike.
 """
@@ -20,9 +21,9 @@ import grpc.aio
 import structlog
 
 from probeserve import __version__
-from probeserve.core.bundle import Bundle
 from probeserve.core.errors import EngineUnavailableError, ErrorKind, InvalidRequestError, ProbeError
 from probeserve.core.extraction import Extraction, Extractor, new_request_id
+from probeserve.core.registry import BundleRegistry
 from probeserve.transport import messages
 from probeserve.transport.admission import Admission
 from probeserve.transport.metrics import Metrics
@@ -35,6 +36,8 @@ Context = grpc.aio.ServicerContext
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -58,15 +61,24 @@ class ServerLimits:
 
 @dataclass
 class ServingState:
-    """What the handlers serve from; ``extractor`` is None until the engine is warm."""
+    """What the handlers serve from; nothing is answered until ``ready`` (the engine is warm and
+    the start-up bundles are paired and loaded)."""
 
-    bundle: Bundle
     model: str
     precision: str
+    registry: BundleRegistry = field(default_factory=BundleRegistry)
+    ready: bool = False
+    max_prompt_tokens: int = 0
     engine_version: str = ""
-    extractor: Extractor | None = None
     log_utterances: bool = False
     metrics: Metrics = field(default_factory=Metrics)
+
+    @property
+    def extractor(self) -> Extractor | None:
+        """The default bundle's pipeline once ready (what in-process benchmarks time)."""
+        if not self.ready or not len(self.registry):
+            return None
+        return self.registry.get("").extractor
 
 
 def _error_of(exc: BaseException) -> ProbeError:
@@ -136,13 +148,15 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
         if self.state.log_utterances:
             fields["utterance"] = core.utterance
         status = "OK"
+        bundle = ""  # the label: a loaded bundle's name, never a name a caller made up
         try:
             self._check(request)
-            extractor = self.state.extractor
-            if extractor is None:
+            if not self.state.ready:
                 raise EngineUnavailableError("the server is starting: the engine is not ready yet")
-            self._check_deadline(context)
-            result = await extractor.extract(core)
+            with self.state.registry.lease(core.bundle) as served:
+                bundle = fields["bundle"] = served.name
+                self._check_deadline(context)
+                result = await served.extractor.extract(core)
         except asyncio.CancelledError:
             status = "CANCELLED"
             log.info("extract", status=status, total_ms=_ms(time.perf_counter() - arrived), **fields)
@@ -157,13 +171,14 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
                 log.info("extract", status=status, error=error.message, total_ms=total, **fields)
             raise error from None
         finally:
-            self.metrics.items.labels(rpc, status).inc()
+            self.metrics.items.labels(rpc, bundle, status).inc()
         t = result.timings
         total_s = time.perf_counter() - arrived
         queue_s = max(total_s - (t.engine_ms + t.heads_ms) / 1e3, 0.0)
+        stages = self.metrics.stage_latency(bundle)
         for stage, seconds in (("queue", queue_s), ("engine", t.engine_ms / 1e3),
                                ("heads", t.heads_ms / 1e3), ("total", total_s)):  # fmt: skip
-            self.metrics.stage_latency[stage].observe(seconds)
+            stages[stage].observe(seconds)
         self.metrics.prompt_tokens.observe(result.prompt_tokens)
         engine_s = t.engine_ms / 1e3
         previous = self._engine_estimate_s
@@ -195,7 +210,7 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
     async def _reject_overload(self, context: Context[Any, Any], rpc: str, items: int) -> None:
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(self.limits.retry_pushback_ms)),))
         self.metrics.calls.labels(rpc, "RESOURCE_EXHAUSTED").inc()
-        self.metrics.items.labels(rpc, "RESOURCE_EXHAUSTED").inc(items)
+        self.metrics.items.labels(rpc, "", "RESOURCE_EXHAUSTED").inc(items)
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"server is at its limit of {self.limits.max_in_flight} items in flight "
@@ -320,13 +335,13 @@ class ProbeServicer(pb_grpc.ProbeServiceServicer):
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: Context[pb.GetInfoRequest, pb.GetInfoResponse]
     ) -> pb.GetInfoResponse:
-        extractor = self.state.extractor
+        registry = self.state.registry
         self.metrics.calls.labels("GetInfo", "OK").inc()
         return pb.GetInfoResponse(
             model=self.state.model,
             precision=messages.PRECISIONS.get(self.state.precision, pb.PRECISION_UNSPECIFIED),
-            bundles=[messages.bundle_info(self.state.bundle)],
-            max_prompt_tokens=extractor.engine.max_prompt_tokens if extractor else 0,
+            bundles=[messages.bundle_info(e, registry.default_name) for e in registry.entries()],
+            max_prompt_tokens=self.state.max_prompt_tokens,
             server_version=__version__,
             engine_version=self.state.engine_version,
         )
