@@ -112,7 +112,7 @@ def _engine_config(work: dict[str, Any], bundle: Any) -> Any:
 
     return EngineConfig(
         model=Path(work["model"]),
-        adapter=bundle.adapter_path,
+        adapter=bundle.adapter_path if work["lora_mode"] == "merged" else None,
         lora_rank=bundle.lora_rank,
         precision=work["precision"],
         lora_mode=work["lora_mode"],
@@ -134,6 +134,7 @@ class EngineSystem:
         from probeserve.core.bundle import load_bundle
         from probeserve.core.extraction import Extractor
         from probeserve.core.tokenization import HfPieceTokenizer
+        from probeserve.engines.config import bind
         from probeserve.engines.start import start_engine
 
         torch.set_num_threads(1)  # as the server does: heads on one thread, cores left to the engine
@@ -141,7 +142,10 @@ class EngineSystem:
         tokenizer = HfPieceTokenizer.from_pretrained(self.work["model"])
         config = _engine_config(self.work, bundle)
         self.engine = await asyncio.to_thread(start_engine, config)
-        self.extractor = Extractor(bundle, tokenizer, self.engine)
+        adapter = None
+        if config.lora_mode == "adapter":
+            adapter = await self.engine.add_adapter(bundle.name, bundle.adapter_path, bundle.lora_rank)
+        self.extractor = Extractor(bundle, tokenizer, bind(self.engine, adapter))
 
     async def extract(self, item: Utterance) -> Canonical:
         from probeserve.core.extraction import ExtractionRequest

@@ -190,11 +190,12 @@ def wait_gpu_idle(limit_mib: int = 2000, timeout_s: float = 60) -> None:
 def serve_config(settings: Settings, name: str) -> Any:
     """What ``probeserve serve --engine inline --load-format dummy --skip-pairing-check
     [--compile] --lora-mode adapter|merged`` builds."""
+    from probeserve.transport.bundles import BundleSpec
     from probeserve.transport.server import ServeConfig
 
     config = CONFIGS[name]
     return ServeConfig(
-        bundle=settings.root / config.bundle,
+        bundles=(BundleSpec(settings.root / config.bundle),),
         model=settings.root / config.model,
         precision=config.precision,
         # merged with dummy weights: no merge, no LoRA in the engine (the cost of a merged adapter)

@@ -9,11 +9,14 @@ the weights with random numbers, so no weights are needed. Writes, under ROOT::
                       (width 4096, random), function_schemas.json, bundle.json
 
 and with ``--shape 70b`` (Llama-3.1-70B: hidden 8192, 80 layers, 64 heads, 8 KV heads)
-``llama70b/``, ``llama70b-awq/`` and ``bundle70b/`` (heads of width 8192) beside them::
+``llama70b/``, ``llama70b-awq/`` and ``bundle70b/`` (heads of width 8192) beside them; with
+``--bundles N`` also ``bundles/b0`` ... ``bundles/b{N-1}``, N bundles for the same model with
+adapters and heads of their own (several tasks on one model, scripts/bench/bundles_bench.py)::
 
     python scripts/bench/gpu/make_bundle.py ROOT                 # the 8B shape
     python scripts/bench/gpu/make_bundle.py ROOT --shape 70b     # the 70B shape
     python scripts/bench/gpu/make_bundle.py ROOT --small         # hidden 256, 2 layers: a CPU dry run
+    python scripts/bench/gpu/make_bundle.py ROOT --bundles 8     # and 8 bundles of their own
 
 Only torch, safetensors and tokenizers are needed (all on the GPU image); nothing is downloaded.
 The tokenizer is trained on the benchmark's own utterances, so prompts come out near 60 tokens,
@@ -254,9 +257,16 @@ def write_adapter(adapter_dir: Path, config: dict[str, Any], seed: int = 1) -> N
     (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=1))
 
 
-def write_bundle(bundle_dir: Path, config: dict[str, Any], seed: int = 2, shape: str = "8b") -> None:
+def write_bundle(
+    bundle_dir: Path,
+    config: dict[str, Any],
+    seed: int = 2,
+    shape: str = "8b",
+    name: str = "",
+    adapter_seed: int = 1,
+) -> None:
     bundle_dir.mkdir(parents=True, exist_ok=True)
-    write_adapter(bundle_dir / "lora_adapter", config)
+    write_adapter(bundle_dir / "lora_adapter", config, seed=adapter_seed)
     d = int(config["hidden_size"])
     gen = torch.Generator().manual_seed(seed)
     heads = {
@@ -268,7 +278,7 @@ def write_bundle(bundle_dir: Path, config: dict[str, Any], seed: int = 2, shape:
     save_file(heads, str(bundle_dir / "probe_heads.safetensors"))
     (bundle_dir / "function_schemas.json").write_text(json.dumps(SCHEMAS, indent=1))
     manifest = {
-        "name": f"bench-llama{shape}",
+        "name": name or f"bench-llama{shape}",
         "version": "1",
         "note": "random adapter and heads for latency benchmarks (scripts/bench/gpu/make_bundle.py)",
         "base_model": f"Llama-3.1-{shape.upper()} shape, dummy weights",
@@ -276,11 +286,15 @@ def write_bundle(bundle_dir: Path, config: dict[str, Any], seed: int = 2, shape:
     (bundle_dir / "bundle.json").write_text(json.dumps(manifest, indent=1))
 
 
-def make_all(root: Path, small: bool = False, shape: str = "8b") -> dict[str, Path]:
+def make_all(root: Path, small: bool = False, shape: str = "8b", bundles: int = 0) -> dict[str, Path]:
     config = write_checkpoints(root, small, shape)
     model, awq_model, bundle = SHAPES[shape]
     write_bundle(root / bundle, config, shape=shape)
-    return {"model": root / model, "awq_model": root / awq_model, "bundle": root / bundle}
+    made = {"model": root / model, "awq_model": root / awq_model, "bundle": root / bundle}
+    for i in range(bundles):  # each its own adapter and heads: different tasks on one model
+        made[f"b{i}"] = root / "bundles" / f"b{i}"
+        write_bundle(made[f"b{i}"], config, seed=200 + i, shape=shape, name=f"b{i}", adapter_seed=100 + i)
+    return made
 
 
 def main() -> None:
@@ -288,8 +302,10 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--small", action="store_true", help="hidden 256, 2 layers (a CPU dry run)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--bundles", type=int, default=0, help="also write this many bundles of their own")
     args = parser.parse_args()
-    print(json.dumps({k: str(v) for k, v in make_all(args.root, args.small, args.shape).items()}))
+    made = make_all(args.root, args.small, args.shape, args.bundles)
+    print(json.dumps({k: str(v) for k, v in made.items()}))
 
 
 if __name__ == "__main__":

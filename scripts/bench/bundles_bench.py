@@ -1,0 +1,168 @@
+"""What serving several bundles on one model costs: p50 with requests spread over 1, 2 and 8 bundles.
+
+    python scripts/bench/gpu/make_bundle.py ROOT --bundles 8          # the 8B shape and 8 bundles
+    python scripts/bench/bundles_bench.py --root ROOT --out OUT       # GPU: fp16, compiled
+    python scripts/bench/gpu/make_bundle.py ROOT --small --bundles 8  # a CPU dry run:
+    python scripts/bench/bundles_bench.py --root ROOT --out OUT --precision fp32 --eager -n 40
+
+Two real servers (``probeserve serve --load-format dummy --skip-pairing-check --lora-mode
+adapter``), one after the other, measured through the real client over loopback gRPC:
+
+- ``one``: one bundle, its adapter per request (``max_loras`` 1): the baseline;
+- ``eight``: eight bundles with adapters and heads of their own (``max_loras`` 8), and the load
+  spread evenly (request k asks bundle k mod N) over 1, 2 and 8 of them, in interleaved rounds.
+
+Each level is a closed loop of C clients (threads, one channel each) at concurrency 1 and 8.
+Writes OUT/bundles_bench.json and OUT/bundles_bench.md. Issue 15's target: eight bundles, load
+spread over all eight, within 10% of the one-bundle server's p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import percentile
+
+from probeserve.launcher import RunningServer, start_server
+from probeserve_client import ProbeClient
+
+BUNDLES = 8
+SPREADS = (1, 2, 8)
+# (function, utterance): the same ~60-token prompts as scripts/bench/gpu/make_bundle.py's.
+UTTERANCES = [
+    ("book_flight", "Please book me a flight from Paris to Tokyo on March 3rd for two adults, economy "
+     "class, and I would prefer a morning departure if one is available."),
+    ("get_weather", "What is the weather going to be like in Berlin tomorrow afternoon? Please give me "
+     "the temperature in celsius and tell me whether I should bring an umbrella."),
+    ("transfer_money", "Send two hundred and fifty euros to Maria Gonzalez for the concert tickets she "
+     "bought last week, and add a note saying thanks for organising everything."),
+]  # fmt: skip
+
+
+def closed_loop(target: str, bundles: list[str], concurrency: int, n: int, warmup: int) -> list[float]:
+    """``n`` requests from ``concurrency`` clients, request k to ``bundles[k % len(bundles)]``; ms each."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(concurrency)
+
+    def client(j: int) -> None:
+        with ProbeClient(target, timeout=120, retries=0) as probe:
+            ks = range(j, n + warmup * concurrency, concurrency)
+            try:
+                start.wait(120)
+                for count, k in enumerate(ks):
+                    function, utterance = UTTERANCES[k % len(UTTERANCES)]
+                    t0 = time.perf_counter()
+                    probe.extract(function, utterance, bundle=bundles[k % len(bundles)])
+                    if count >= warmup:
+                        latencies[j].append((time.perf_counter() - t0) * 1e3)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(j,)) for j in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    if errors:
+        raise errors[0]
+    return [x for per_client in latencies for x in per_client]
+
+
+def _server(args: argparse.Namespace, bundles: list[Path], log: Path) -> RunningServer:
+    extra: list[str] = []
+    for bundle in bundles[1:]:
+        extra += ["--bundle", str(bundle)]
+    extra += ["--load-format", "dummy", "--skip-pairing-check", "--lora-mode", "adapter"]
+    extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", "16"]
+    if args.eager:
+        extra.append("--eager")
+    return start_server(
+        bundle=bundles[0], model=args.root / args.model, log_path=log, precision=args.precision,
+        extra_args=tuple(extra), timeout_s=args.startup_timeout_s,
+    )  # fmt: skip
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    bundles = [args.root / "bundles" / f"b{i}" for i in range(BUNDLES)]
+    missing = [b for b in bundles if not b.is_dir()]
+    if missing:
+        raise SystemExit(
+            f"{missing[0]} is missing: run scripts/bench/gpu/make_bundle.py ROOT --bundles {BUNDLES}"
+        )
+    rows: list[dict[str, Any]] = []
+    servers = {"one": bundles[:1], "eight": bundles}
+    for name, served in servers.items():
+        server = _server(args, served, args.out / f"server-{name}.log")
+        try:
+            startup_s = server.startup_s
+            spreads = [1] if name == "one" else list(SPREADS)
+            samples: dict[tuple[int, int], list[float]] = {}
+            for concurrency in args.concurrency:
+                for _ in range(args.rounds):  # rounds interleave the spreads: drift hits them alike
+                    for spread in spreads:
+                        names = [f"b{i}" for i in range(spread)]
+                        got = closed_loop(server.target, names, concurrency, args.n, args.warmup)
+                        samples.setdefault((spread, concurrency), []).extend(got)
+            for (spread, concurrency), values in samples.items():
+                rows.append({
+                    "server": name, "bundles_loaded": len(served), "spread_over": spread,
+                    "concurrency": concurrency, "requests": len(values),
+                    "p50_ms": round(percentile(values, 0.5), 2), "p90_ms": round(percentile(values, 0.9), 2),
+                    "p99_ms": round(percentile(values, 0.99), 2), "startup_s": round(startup_s, 1),
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    return {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    base = {r["concurrency"]: r["p50_ms"] for r in rows if r["server"] == "one"}
+    lines = [
+        "| server | bundles loaded | load spread over | concurrency | p50 ms | p90 ms | p99 ms "
+        "| p50 / one bundle |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["bundles_loaded"], r["spread_over"])):
+        ratio = r["p50_ms"] / base[r["concurrency"]] if r["concurrency"] in base else float("nan")
+        lines.append(
+            f"| {r['server']} | {r['bundles_loaded']} | {r['spread_over']} | {r['concurrency']} | "
+            f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {ratio:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True, help="make_bundle.py's ROOT (with --bundles 8)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="llama8b", help="the model folder under ROOT")
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--eager", action="store_true", help="eager engine (default: compiled, as served)")
+    parser.add_argument("-n", type=int, default=200, help="measured requests per level and round")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests per client first")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    parser.add_argument("--startup-timeout-s", type=float, default=400)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure(args)
+    (args.out / "bundles_bench.json").write_text(json.dumps(result, indent=1))
+    table = report(result)
+    (args.out / "bundles_bench.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
