@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -270,6 +271,21 @@ class AdapterIds:
                 ErrorKind.FAILED_PRECONDITION,
             )
         return Adapter(name, next(self._ids), path, rank)
+
+    async def load(
+        self, name: str, path: Path, rank: int, add_lora: Callable[[Any], Awaitable[bool]]
+    ) -> Adapter:
+        """A new adapter, loaded by ``add_lora(lora_request)`` (vLLM's, on the engine's terms)."""
+        adapter = self.new(name, path, rank)
+        try:
+            added = await add_lora(adapter.lora_request)
+        except ProbeError:
+            raise
+        except Exception as exc:
+            raise ProbeError(f"the engine cannot load adapter {path}: {exc}") from exc
+        if not added:
+            raise ProbeError(f"the engine did not load adapter {path}")
+        return adapter
 
 
 class ServingEngine(Protocol):

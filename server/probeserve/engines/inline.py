@@ -198,16 +198,10 @@ class InlineEngine:
         return result
 
     async def add_adapter(self, name: str, path: Path, rank: int) -> Adapter:
-        adapter = self._ids.new(name, path, rank)
-        try:
-            added = await self._call(lambda engine: engine.add_lora(adapter.lora_request))
-        except ProbeError:
-            raise
-        except Exception as exc:
-            raise ProbeError(f"the engine cannot load adapter {path}: {exc}") from exc
-        if not added:
-            raise ProbeError(f"the engine did not load adapter {path}")
-        return adapter
+        async def add_lora(request: Any) -> bool:
+            return bool(await self._call(lambda engine: engine.add_lora(request)))
+
+        return await self._ids.load(name, path, rank, add_lora)
 
     async def remove_adapter(self, adapter: Adapter) -> None:
         await self._call(lambda engine: engine.remove_lora(adapter.lora_id))
