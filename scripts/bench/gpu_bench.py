@@ -562,18 +562,19 @@ async def profile_c8(settings: Settings, name: str, clients: ClientProcess) -> d
 
     async def sampled(tag: str, n: int, options: list[str], rate: int, dump: bool) -> dict[str, Any]:
         raw_path = settings.out / f"pyspy_{tag}_{name}.txt"
+        # Started first, so that no fork of this (large) process is in the profile or stalls the
+        # event loop under load.
+        dumper = None
+        if dump:
+            dumper = await asyncio.create_subprocess_exec(
+                "sh", "-c", 'sleep 3; exec "$0" dump --pid "$1" --nonblocking', py_spy, pid,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
         record = await asyncio.create_subprocess_exec(
             py_spy, "record", "--pid", pid, "--rate", str(rate), "--format", "raw", "--threads", "--idle",
             "--function", *options, "--output", str(raw_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
-        # Started now, so that no fork of this (large) process stalls its event loop under load.
-        dumper = None
-        if dump:
-            dumper = await asyncio.create_subprocess_exec(
-                "sh", "-c", 'sleep 2; exec "$0" dump --pid "$1" --nonblocking', py_spy, pid,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
         await asyncio.sleep(1.0)  # py-spy finds the interpreter, then samples
         t0 = time.perf_counter()
         latencies, _ = await clients.run("async", f"prof-{tag}-c8", n, 8)
@@ -764,7 +765,9 @@ def serve_child(settings: Settings, name: str) -> dict[str, Any]:
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # stock: the engine core in its own process
     print("vllm serve: " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)  # its output: this child's log
+    # Its output goes to this child's log; it stays in this process group, so a harness that
+    # kills the bench's group takes vllm serve's engine core along.
+    server = subprocess.Popen(cmd, env=env)
     result: dict[str, Any] = {
         "kind": "vllm-serve",
         "command": cmd,
@@ -795,18 +798,27 @@ def serve_child(settings: Settings, name: str) -> dict[str, Any]:
                 for i in threadpool_info()
             ]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        time.sleep(1)  # the engine core, in the same process group, goes with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_tree(server)
     return result
+
+
+def stop_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to ``vllm serve``, then SIGKILL to whatever of its process tree (the engine core,
+    TP workers) is left after 30 s."""
+    import psutil  # type: ignore[import-untyped]
+
+    tree: list[Any] = []
+    with contextlib.suppress(psutil.Error):
+        tree = psutil.Process(process.pid).children(recursive=True)
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    for child in tree:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def time_serve(

@@ -292,6 +292,14 @@ def profile_markdown(results: list[dict[str, Any]], top: int = 12) -> list[str]:
     return rows
 
 
+def _loop_base(frame: str) -> bool:
+    """A frame of the loop's own machinery or of the program around it, under every callback."""
+    _, _, where = frame.partition(" (")
+    return frame.startswith(("<module> ", "main (gpu_bench.py")) or where.startswith(
+        ("asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py")
+    )
+
+
 def _profile_rows(label: str, prof: dict[str, Any], top: int) -> list[str]:
     """One profile: the threads' samples, then the event loop's top frames."""
     rows: list[str] = []
@@ -319,8 +327,7 @@ def _profile_rows(label: str, prof: dict[str, Any], top: int) -> list[str]:
             "| frame | self | | frame | inclusive |",
             "| --- | ---: | --- | --- | ---: |",
         ]
-        # not the frames of the loop itself, which every busy sample has
-        inclusive = [(f, n) for f, n in loop["top_inclusive"] if n < 0.98 * busy]
+        inclusive = [(f, n) for f, n in loop["top_inclusive"] if not _loop_base(f)]
         for i in range(min(top, max(len(loop["top_self"]), len(inclusive)))):
             left = loop["top_self"][i] if i < len(loop["top_self"]) else ("", 0)
             right = inclusive[i] if i < len(inclusive) else ("", 0)
