@@ -165,6 +165,8 @@ class Settings:
     profile_n: int = 0
     profile_rate: int = 250
     profile_native: bool = False
+    # vLLM compilation pass_config for both the server's engine and vllm serve (see override_pass_config)
+    pass_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     py_spy: str = ""
 
     def model_dir(self, config: Config) -> Path:
@@ -447,6 +449,26 @@ def clients_for(concurrency: int) -> tuple[str, ...]:
     return ("sync",) if concurrency == 1 else ("sync", "async")
 
 
+def override_pass_config(pass_config: dict[str, Any]) -> None:
+    """vLLM's compilation ``pass_config`` for the server's engine, which ``probeserve serve`` has
+    no flag for: both engine kinds' ``engine_kwargs`` get ``compilation_config={"pass_config":
+    ...}``. On the H200 x2 host vLLM 0.26 fuses each TP all-reduce with the next RMSNorm through
+    FlashInfer's multicast ("mnnvl") workspace, which fails there ("illegal memory access" at the
+    first profile run) and uses the NVLink multicast this host must not use; ``{"fuse_allreduce_rms":
+    false}`` turns that fusion off."""
+    from probeserve.engines import inline, process
+
+    for module in (inline, process):
+        original = module.engine_kwargs
+
+        def patched(config: Any, original: Callable[[Any], dict[str, Any]] = original) -> dict[str, Any]:
+            kwargs = original(config)
+            kwargs["compilation_config"] = {"pass_config": dict(pass_config)}
+            return kwargs
+
+        setattr(module, "engine_kwargs", patched)  # noqa: B010
+
+
 async def server_child(settings: Settings, name: str) -> dict[str, Any]:
     import torch
 
@@ -456,6 +478,8 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
     from probeserve.transport.servicer import ServingState
 
     configure_logging("info", json=True)  # the parent reads the per-request lines
+    if settings.pass_config:
+        override_pass_config(settings.pass_config)
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[tuple[ServingState, int]] = loop.create_future()
     stop = asyncio.Event()
@@ -720,6 +744,8 @@ def vllm_serve_command(settings: Settings, config: Config, port: int, cuda: bool
         cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if not settings.compile:
         cmd.append("--enforce-eager")
+    if settings.pass_config:
+        cmd += ["--compilation-config", json.dumps({"pass_config": settings.pass_config})]
     if config.lora:
         adapter = settings.bundle_dir(config) / "lora_adapter"
         cmd += [
@@ -921,6 +947,7 @@ def settings_args(settings: Settings) -> list[str]:
         "--serve-formats", ",".join(settings.serve_formats), "--float-n", str(settings.float_n),
         "--profile-n", str(settings.profile_n), "--profile-rate", str(settings.profile_rate),
         *(["--profile-native"] if settings.profile_native else []),
+        *(["--pass-config", json.dumps(settings.pass_config)] if settings.pass_config else []),
         *(["--py-spy", settings.py_spy] if settings.py_spy else []),
     ]  # fmt: skip
 
@@ -980,6 +1007,10 @@ def main() -> int:
     parser.add_argument(
         "--profile-native", action="store_true", help="then half as many calls under py-spy --native (pauses)"
     )
+    parser.add_argument(
+        "--pass-config", type=json.loads, default={},
+        help="""vLLM compilation pass_config (JSON) for both engines, e.g. '{"fuse_allreduce_rms": false}'""",
+    )  # fmt: skip
     parser.add_argument("--py-spy", default="", help="the py-spy executable (default: on PATH)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no configuration after this")
     parser.add_argument(
@@ -1012,6 +1043,7 @@ def main() -> int:
         profile_n=args.profile_n,
         profile_rate=args.profile_rate,
         profile_native=args.profile_native,
+        pass_config=args.pass_config,
         py_spy=args.py_spy,
     )
     if args.child_vllm_serve:

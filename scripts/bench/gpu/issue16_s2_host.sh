@@ -20,7 +20,16 @@
 #   C: fp16-tp2 (8B over both GPUs).
 # No phase starts with less time left than it needs; a watchdog saves results and logs to $OUT
 # before the call's 600 s run out. $OUT: s2.log, results.tgz (every gpu_bench.json/md, the py-spy
-# files), logs.tgz (each configuration's full log).
+# files), logs.tgz (each configuration's full log). PHASES=B,C runs only those.
+#
+# As run on 2026-11-30 (device time 468 s: calls 0-6 77 s with the machine's start, call 7 376 s,
+# then given back): A ran; B and C failed at vLLM's first profile run with "CUDA error: an illegal
+# memory access" (surfacing as CUBLAS_STATUS_INTERNAL_ERROR in cublasCreate): vLLM 0.26 turns on
+# its all-reduce + RMSNorm fusion for TP > 1 on Hopper and set it up on FlashInfer's "mnnvl"
+# backend, which allocates NVLink multicast memory, which this host must not use (KINDS.md) and
+# which does not work here. B and C now pass --pass-config '{"fuse_allreduce_rms": false}' and
+# VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm (no multicast, should anything still ask for it);
+# not yet run so.
 set -u
 phase=${1:?recv|part|run}; part=${2:-}
 P=/tmp/t16parts
@@ -60,6 +69,11 @@ export PYTHONPATH=/tmp/site:/tmp/code/server:/tmp/code/clients/python HF_HUB_OFF
 # No NVLink multicast on this host (KINDS.md); vLLM's symmetric-memory all-reduce (on by default in
 # 0.26) would use torch's multimem operations, so TP=2 all-reduces go through custom IPC and NCCL.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0
+# Nor FlashInfer's multicast ("mnnvl") all-reduce workspace, which vLLM 0.26 picks for its
+# all-reduce + RMSNorm fusion at TP > 1 (it broke both TP=2 runs); the fusion is also turned off.
+export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
+NO_AR_FUSION='{"fuse_allreduce_rms": false}'
+PHASES=${PHASES:-A,B,C}
 B=scripts/bench
 R=/tmp/r16
 mkdir -p $R /tmp/pyspy
@@ -87,6 +101,7 @@ phase_end() {  # by group: engine workers (TP) and vllm serve's engine core go w
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
 }
 
+if [[ ,$PHASES, == *,A,* ]]; then
 echo "=== A after $(( $(date +%s) - t0 )) s, $(left) s left"
 CUDA_VISIBLE_DEVICES=0 setsid $(pin 0) python3 $B/gpu_bench.py --out $R/a0_fp16 --root /tmp/gb --configs fp16-base \
   -n 120 --rounds 3 --profile-n 1600 --profile-native --py-spy "$PYSPY" --timeout-s 300 > /tmp/lane_a0.log 2>&1 &
@@ -99,10 +114,11 @@ wait $a0; echo "A0 (fp16-base) exited $? after $(( $(date +%s) - t0 )) s"
 wait $a1; echo "A1 (vllm-serve) exited $? after $(( $(date +%s) - t0 )) s"
 phase_end $a0; phase_end $a1
 tail -n 30 /tmp/lane_a0.log /tmp/lane_a1.log
+fi
 
-if [ "$(left)" -gt 150 ]; then
+if [[ ,$PHASES, == *,B,* ]] && [ "$(left)" -gt 150 ]; then
   echo "=== B after $(( $(date +%s) - t0 )) s, $(left) s left"
-  setsid python3 $B/gpu_bench.py --out $R/b_70b_tp2 --root /tmp/gb --configs fp16-70b-tp2 \
+  setsid python3 $B/gpu_bench.py --out $R/b_70b_tp2 --root /tmp/gb --configs fp16-70b-tp2 --pass-config "$NO_AR_FUSION" \
     --gpu-memory-utilization "${TP2_UTIL:-0.6}" -n 60 --rounds 2 --timeout-s $(( $(left) - 15 )) > /tmp/lane_b.log 2>&1 &
   b=$!; wait $b; echo "B exited $? after $(( $(date +%s) - t0 )) s"; phase_end $b
   tail -n 30 /tmp/lane_b.log
@@ -110,9 +126,10 @@ else
   echo "B not run: $(left) s left"
 fi
 
-if [ "$(left)" -gt 100 ]; then
+if [[ ,$PHASES, == *,C,* ]] && [ "$(left)" -gt 100 ]; then
   echo "=== C after $(( $(date +%s) - t0 )) s, $(left) s left"
   setsid python3 $B/gpu_bench.py --out $R/c_8b_tp2 --root /tmp/gb --configs fp16-tp2 -n 120 --rounds 3 \
+    --pass-config "$NO_AR_FUSION" \
     --timeout-s $(( $(left) - 15 )) > /tmp/lane_c.log 2>&1 &
   c=$!; wait $c; echo "C exited $? after $(( $(date +%s) - t0 )) s"; phase_end $c
   tail -n 30 /tmp/lane_c.log
