@@ -273,7 +273,46 @@ def summarise_pyspy(raw: str, top: int = 25) -> dict[str, Any]:
             "top_self": t["self"].most_common(top),
             "top_inclusive": t["incl"].most_common(top * 2),
         })  # fmt: skip
-    return {"threads": out}
+    return {"threads": out, "loop_shares": loop_shares(raw)}
+
+
+# What the event loop's busy samples were doing: the deepest frame of one of these kinds names it.
+PROMPT_FILES = ("probeserve/core/tokenization", "probeserve/core/prompt", "probeserve/core/segmentation")
+LOOP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("prompt building", (*PROMPT_FILES, "tokenizers")),
+    ("protobuf (messages.to_response, upb)", ("probeserve/transport/messages", "_pb2", "protobuf", "upb")),
+    ("logging (structlog)", ("structlog", "probeserve/logs")),
+    ("metrics (prometheus)", ("prometheus", "probeserve/transport/metrics")),
+    ("span decoding", ("probeserve/core/spans",)),
+    ("engine hand-off (probeserve/engines)", ("probeserve/engines/",)),
+    ("servicer and extractor (other probeserve)", ("probeserve/",)),
+    ("gRPC (cygrpc)", ("cygrpc", "grpc/")),
+    ("asyncio", ("asyncio/", "_asyncio")),
+)  # fmt: skip
+
+
+def loop_shares(raw: str, thread: str = "MainThread") -> dict[str, int]:
+    """Busy samples of one thread (the event loop) of a raw py-spy record, by LOOP_KINDS, plus
+    ``idle`` (in epoll) and ``busy``. With ``--native`` the Cython and C frames count too; without,
+    gRPC's Cython work shows as asyncio (``Handle._run`` with nothing below it)."""
+    out: collections.Counter[str] = collections.Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        match = _THREAD.match(frames[0]) if count.isdigit() else None
+        if not match or (match.group(2) or "") != thread:
+            continue
+        n = int(count)
+        if _idle(frames[1:]):
+            out["idle"] += n
+            continue
+        out["busy"] += n
+        kind = next(
+            (k for f in reversed(frames[1:]) for k, marks in LOOP_KINDS if any(m in f for m in marks)),
+            "other",
+        )
+        out[kind] += n
+    return dict(out)
 
 
 def profile_markdown(results: list[dict[str, Any]], top: int = 12) -> list[str]:
@@ -317,6 +356,13 @@ def _profile_rows(label: str, prof: dict[str, Any], top: int) -> list[str]:
         idle = t.get("idle_share")
         share = "—" if idle is None else f"{idle:.0%}"
         rows.append(f"| {t['name'] or t['tid']} | {t['samples']} | {share} | {t['busy_samples']} |")
+    shares = prof.get("summary", {}).get("loop_shares", {})
+    if shares.get("busy"):
+        kinds = sorted(
+            ((k, n) for k, n in shares.items() if k not in ("busy", "idle")), key=lambda kv: -kv[1]
+        )
+        by_kind = ", ".join(f"{k} {n / shares['busy']:.1%}" for k, n in kinds)
+        rows += ["", f"Event loop's busy samples by kind: {by_kind}"]
     loop = next((t for t in threads if t["name"] == "MainThread"), None)
     if loop and loop["busy_samples"]:
         busy = loop["busy_samples"]
@@ -376,8 +422,18 @@ def _config_facts(entry: dict[str, Any]) -> tuple[str, bool]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reports", nargs="+", type=Path, help="gpu_bench.json files; later ones win")
+    parser.add_argument("reports", nargs="*", type=Path, help="gpu_bench.json files; later ones win")
+    parser.add_argument("--pyspy", nargs="+", type=Path, help="raw py-spy records: the event loop's shares")
     args = parser.parse_args()
+    for path in args.pyspy or []:
+        shares = loop_shares(path.read_text(errors="replace"))
+        busy = shares.get("busy", 0)
+        print(f"{path.name}: event loop samples {busy + shares.get('idle', 0)}, busy {busy}")
+        for kind, n in sorted(shares.items(), key=lambda kv: -kv[1]):
+            if kind not in ("busy", "idle"):
+                print(f"  {n:6d} {n / busy:6.1%}  {kind}")
+    if not args.reports:
+        return 0
     merged: dict[str, dict[str, Any]] = {}
     for path in args.reports:
         for e in json.loads(path.read_text())["results"]:
