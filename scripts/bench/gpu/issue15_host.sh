@@ -20,6 +20,9 @@ recv)
   put_part "$part"
   rm -rf /tmp/code /tmp/t16boot && cp -r .gpu/t15/main /tmp/code && cp -r .gpu/t16/boot /tmp/t16boot
   setsid nohup python3 /tmp/t16boot/recv.py /tmp/t16boot "$P" /tmp/site >/tmp/recv.log 2>&1 </dev/null &
+  # The 8B-shaped bundles need only torch and tokenizers (in the image): made while the parts come.
+  ( cd /tmp/code && setsid nohup sh -c 'python3 scripts/bench/gpu/make_bundle.py /tmp/gb --bundles 8 \
+      > /tmp/make_bundle.log 2>&1 && touch /tmp/gb/.DONE' </dev/null >/dev/null 2>&1 & )
   nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
   sleep 2; cat /tmp/recv.log
   exit 0 ;;
@@ -37,8 +40,11 @@ export PYTHONPATH=/tmp/site:/tmp/code/server:/tmp/code/clients/python HF_HUB_OFF
   PYTHONUNBUFFERED=1
 python3 -c 'import vllm, torch, grpc; print("vllm", vllm.__version__, "torch", torch.__version__, "grpc", grpc.__version__)'
 echo "ready after $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
 # Everything goes under $OUT (the server logs too), which comes back even if the call runs out.
-python3 scripts/bench/gpu/make_bundle.py /tmp/gb --bundles 8 > /dev/null
+for _ in $(seq 120); do [ -f /tmp/gb/.DONE ] && break; sleep 1; done
+cat /tmp/make_bundle.log
+[ -f /tmp/gb/.DONE ] || { echo "bundles not made"; exit 3; }
 echo "bundles after $(( $(date +%s) - t0 )) s"
 python3 scripts/bench/bundles_bench.py --root /tmp/gb --out "$OUT/bb" --precision fp16 \
   -n "${N:-160}" --rounds "${ROUNDS:-2}" --gpu-memory-utilization 0.5 --startup-timeout-s 300
