@@ -8,6 +8,7 @@ merged adapter) and answer every request as the session's one-rank server does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,3 +62,29 @@ def test_two_ranks_answer_as_one(
                     assert a.presence_probability == pytest.approx(b.presence_probability, abs=1e-4)
     finally:
         sharded.stop()
+
+
+def test_allreduce_fusion_is_off_where_the_host_disables_multicast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU host that turns NVLink multicast off, TP > 1 runs the plain all-reduce: vLLM's
+    all-reduce + RMSNorm fusion may build its FlashInfer workspace on multicast."""
+    import torch
+
+    from probeserve.engines import config as engine_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base = engine_config.EngineConfig(
+        model=Path("m"),
+        adapter=None,
+        lora_rank=8,
+        lora_mode="adapter",
+        enforce_eager=True,
+        tensor_parallel_size=2,
+    )
+    for variable in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.delenv(variable, raising=False)
+    assert "compilation_config" not in engine_config.engine_kwargs(base)
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    off = {"pass_config": {"fuse_allreduce_rms": False}}
+    assert engine_config.engine_kwargs(base)["compilation_config"] == off
+    one_gpu = dataclasses.replace(base, tensor_parallel_size=1)
+    assert "compilation_config" not in engine_config.engine_kwargs(one_gpu)

@@ -221,7 +221,22 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     sizes = [size for size in CUDA_GRAPH_SIZES if size <= kwargs["max_num_batched_tokens"]]
     if sizes and not config.enforce_eager and torch.cuda.is_available():
         kwargs["cudagraph_capture_sizes"] = sizes
+    if config.tensor_parallel_size > 1 and torch.cuda.is_available() and multicast_disabled():
+        # vLLM fuses each TP all-reduce with the next RMSNorm through FlashInfer, whose workspace
+        # may use NVLink multicast; where the host turns multicast off, keep the plain all-reduce.
+        kwargs["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
+        log.info("allreduce_fusion_off", why="NVLink multicast is disabled on this host")
     return kwargs
+
+
+def multicast_disabled() -> bool:
+    """Whether the environment turns NVLink multicast off (NCCL, PyTorch symmetric memory, NVSHMEM)."""
+    env = os.environ
+    return (
+        env.get("NCCL_NVLS_ENABLE") == "0"
+        or env.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1"
+        or env.get("NVSHMEM_DISABLE_NVLS") == "1"
+    )
 
 
 def pooling_params() -> Any:
