@@ -9,7 +9,7 @@ import torch
 from probeserve.core.bundle import Bundle
 from probeserve.core.errors import ProbeError
 from probeserve.core.extraction import ExtractionRequest, Extractor
-from probeserve.core.heads import HeadDecisions, HeadOutputs, ProbeHeads
+from probeserve.core.heads import HeadDecisions, HeadOutputs, ProbeHeads, decide_groups
 from probeserve.core.tokenization import HfPieceTokenizer
 from tests.support.tiny_model import TinyArtifacts
 
@@ -130,6 +130,26 @@ def test_batched_decisions_equal_one_prompt_at_a_time() -> None:
         for (hidden, queries, utt), got in zip(items, heads.decide_batch(items), strict=True):
             _assert_same(got, _decisions(heads.apply(hidden, torch.tensor(queries), utt)))
     assert heads.decide_batch([]) == []
+
+
+def test_several_bundles_heads_in_one_pass_equal_each_alone() -> None:
+    """One step's requests for three bundles (three sets of heads, interleaved, different slot
+    counts and lengths) decided in one pass: each gets what its own heads give it alone."""
+    d = 32
+    bundles = [_heads(d, seed=s) for s in (11, 12, 13)]
+    g = torch.Generator().manual_seed(6)
+    groups = [
+        (heads, [_random_prompt(g, d) for _ in range(n)]) for heads, n in zip(bundles, (3, 1, 4), strict=True)
+    ]
+    together = decide_groups([*groups, (bundles[0], [])])
+    assert [len(x) for x in together] == [3, 1, 4, 0]
+    for (heads, items), decided in zip(groups, together[:3], strict=True):
+        for (hidden, queries, utt), got in zip(items, decided, strict=True):
+            _assert_same(got, _decisions(heads.apply(hidden, torch.tensor(queries), utt)))
+    # Only evidence if the bundles disagree on the same states.
+    hidden, queries, utt = groups[0][1][0]
+    first, second = (_decisions(h.apply(hidden, torch.tensor(queries), utt)) for h in bundles[:2])
+    assert (first.present, first.start, first.end) != (second.present, second.start, second.end)
 
 
 def test_a_request_with_mismatched_states_fails_alone(tiny: TinyArtifacts, tiny_bundle: Bundle) -> None:

@@ -7,9 +7,11 @@
 #   call 0:    carry .gpu/t16/boot .gpu/t16/p00 .gpu/t15/main:  bash .gpu/t15/main/scripts/bench/gpu/issue15_host.sh recv 00
 #   calls 1-6: carry .gpu/t16/pNN:                            bash /tmp/code/scripts/bench/gpu/issue15_host.sh part NN
 #   call 7:    carry .gpu/t16/p07:                            bash /tmp/code/scripts/bench/gpu/issue15_host.sh bench 07
+# (phase `lora` instead of `bench` runs scripts/bench/gpu/lora_mix.py: vLLM alone, one adapter
+# against eight in a step, compiled and eager; that was a second run of the same calls.)
 # Calls go back to back: the host and its /tmp go back 30 s after a call.
 set -u
-phase=${1:?recv|part|bench}; part=${2:-}
+phase=${1:?recv|part|bench|lora}; part=${2:-}
 P=/tmp/t16parts
 t0=$(date +%s)
 put_part() {  # atomically, so that recv.py never reads a half-copied part
@@ -46,8 +48,12 @@ for _ in $(seq 120); do [ -f /tmp/gb/.DONE ] && break; sleep 1; done
 cat /tmp/make_bundle.log
 [ -f /tmp/gb/.DONE ] || { echo "bundles not made"; exit 3; }
 echo "bundles after $(( $(date +%s) - t0 )) s"
-python3 scripts/bench/bundles_bench.py --root /tmp/gb --out "$OUT/bb" --precision fp16 \
-  -n "${N:-160}" --rounds "${ROUNDS:-2}" --gpu-memory-utilization 0.5 --startup-timeout-s 300
-echo "bundles_bench done after $(( $(date +%s) - t0 )) s"
+if [ "$phase" = lora ]; then
+  python3 scripts/bench/gpu/lora_mix.py --root /tmp/gb --out "$OUT/lm" --iters "${ITERS:-40}" --timeout-s 260
+else
+  python3 scripts/bench/bundles_bench.py --root /tmp/gb --out "$OUT/bb" --precision fp16 \
+    -n "${N:-160}" --rounds "${ROUNDS:-2}" --gpu-memory-utilization 0.5 --startup-timeout-s 300
+fi
+echo "$phase run done after $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
 echo "$phase done after $(( $(date +%s) - t0 )) s"

@@ -16,7 +16,7 @@ import torch
 
 from probeserve.core.bundle import Bundle
 from probeserve.core.errors import InvalidRequestError, ProbeError
-from probeserve.core.heads import HeadDecisions
+from probeserve.core.heads import HeadDecisions, HeadItem, decide_groups
 from probeserve.core.prompt import PieceTokenizer, Prompt, PromptBuilder
 from probeserve.core.spans import decode_span
 
@@ -159,10 +159,11 @@ class Extractor:
         t1 = time.perf_counter()
         if self._reads_in_place:
             engine = cast(ReadsInPlace, self.engine)  # checked once, in __init__
-            done: _Read = await engine.read_states(request_id, prompt.token_ids, self._read_many, prompt)
+            # One reader for every bundle: the engine calls it once per step with all of them.
+            done: _Read = await engine.read_states(request_id, prompt.token_ids, read_heads, (self, prompt))
         else:
             hidden = await self.engine.hidden_states(request_id, prompt.token_ids)
-            read = self._read_many([(hidden, prompt)])[0]
+            read = read_heads([(hidden, (self, prompt))])[0]
             if isinstance(read, BaseException):
                 raise read
             done = read
@@ -189,30 +190,7 @@ class Extractor:
         Thread-safe (the inline engine calls it on its own thread). A prompt whose states do not
         match its tokens gets a :class:`ProbeError` in its place; the others are still answered.
         """
-        wrong = {
-            i: ProbeError(
-                f"engine returned {hidden.shape[0]} hidden states for {len(prompt.token_ids)} tokens"
-            )
-            for i, (hidden, prompt) in enumerate(items)
-            if hidden.shape[0] != len(prompt.token_ids)
-        }
-        decided = iter(
-            self.bundle.heads.decide_batch(
-                [
-                    (hidden, prompt.query_positions, slice(prompt.utterance_start, prompt.utterance_end))
-                    for i, (hidden, prompt) in enumerate(items)
-                    if i not in wrong
-                ]
-            )
-        )
-        return [wrong[i] if i in wrong else next(decided) for i in range(len(items))]
-
-    def _read_many(self, items: Sequence[tuple[torch.Tensor, Prompt]]) -> list[_Read | ProbeError]:
-        """:meth:`decide_many`, timed (the heads' time is the batch's)."""
-        started = time.perf_counter()
-        decided = self.decide_many(items)
-        ended = time.perf_counter()
-        return [d if isinstance(d, ProbeError) else _Read(d, started, ended) for d in decided]
+        return decide_together([(self, hidden, prompt) for hidden, prompt in items])
 
     def slot_results(self, prompt: Prompt, utterance: str, decided: HeadDecisions) -> tuple[SlotResult, ...]:
         """Each slot's answer: absent, or the span its pointers cut from the utterance."""
@@ -240,3 +218,44 @@ class Extractor:
                 )
             )
         return tuple(results)
+
+
+def decide_together(
+    entries: Sequence[tuple[Extractor, torch.Tensor, Prompt]],
+) -> list[HeadDecisions | ProbeError]:
+    """The decisions for prompts of any bundles, all bundles' heads in one pass (decide_groups).
+
+    A prompt whose states do not match its tokens gets a :class:`ProbeError` in its place.
+    """
+    out: list[HeadDecisions | ProbeError | None] = [None] * len(entries)
+    groups: dict[Extractor, list[int]] = {}
+    for i, (extractor, hidden, prompt) in enumerate(entries):
+        if hidden.shape[0] != len(prompt.token_ids):
+            out[i] = ProbeError(
+                f"engine returned {hidden.shape[0]} hidden states for {len(prompt.token_ids)} tokens"
+            )
+        else:
+            groups.setdefault(extractor, []).append(i)
+    decided = decide_groups(
+        [
+            (extractor.bundle.heads, [_head_item(*entries[i][1:]) for i in indices])
+            for extractor, indices in groups.items()
+        ]
+    )
+    for indices, decisions in zip(groups.values(), decided, strict=True):
+        for i, decision in zip(indices, decisions, strict=True):
+            out[i] = decision
+    return [d for d in out if d is not None]
+
+
+def _head_item(hidden: torch.Tensor, prompt: Prompt) -> HeadItem:
+    return hidden, prompt.query_positions, slice(prompt.utterance_start, prompt.utterance_end)
+
+
+def read_heads(items: Sequence[tuple[torch.Tensor, tuple[Extractor, Prompt]]]) -> list[_Read | ProbeError]:
+    """The engine's reader for every bundle: :func:`decide_together`, timed (the heads' time is
+    the step's)."""
+    started = time.perf_counter()
+    decided = decide_together([(extractor, hidden, prompt) for hidden, (extractor, prompt) in items])
+    ended = time.perf_counter()
+    return [d if isinstance(d, ProbeError) else _Read(d, started, ended) for d in decided]

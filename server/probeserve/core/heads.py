@@ -132,71 +132,102 @@ class ProbeHeads:
             end_scores=end_scores,
         )
 
-    def decide_batch(self, items: Sequence[tuple[torch.Tensor, Sequence[int], slice]]) -> list[HeadDecisions]:
-        """:meth:`apply` for several prompts in one pass, brought to the host in one copy.
+    def decide_batch(self, items: Sequence[HeadItem]) -> list[HeadDecisions]:
+        """:meth:`apply` for several prompts in one pass, brought to the host in one copy
+        (:func:`decide_groups` with these heads alone)."""
+        return decide_groups([(self, items)])[0]
 
-        Each item is (hidden [T, d], query positions, utterance slice). The prompts are padded to
-        the longest query and utterance lists (padded candidates masked), so a batch costs the
-        same ~18 tensor operations as one prompt: on a GPU that per-operation launch overhead,
-        not the arithmetic, is the cost, so the path is written for few operations. Decisions
-        equal :meth:`apply`'s; probabilities may differ in the last float32 digits with the
-        batch's padding (summation order), as the engine's own states do with its batch.
-        """
-        if not items:
-            return []
-        device, d, b = self.device, self.hidden_size, len(items)
-        queries: list[list[int]] = []
-        spans: list[tuple[int, int]] = []  # (first utterance row, utterance tokens)
-        row = 0
-        for hidden, positions, utterance in items:
-            first, stop, _ = utterance.indices(hidden.shape[0])
-            if stop <= first:
-                raise ValueError("the utterance has no tokens")
-            queries.append([row + int(p) for p in positions])
-            spans.append((row + first, stop - first))
-            row += hidden.shape[0]
-        s_max = max(len(q) for q in queries)
-        n_max = max(n for _, n in spans)
-        # The query rows, then the candidate rows, then the utterance lengths: one copy to the
-        # device. Padding points at row 0; padded queries are dropped when unpacking.
-        index = [r for q in queries for r in q + [0] * (s_max - len(q))]
-        index += [start + j if j < n else 0 for start, n in spans for j in range(n_max)]
-        lengths = [n for _, n in spans]
-        # From pinned memory the copy is queued like any kernel; from pageable memory CUDA would
-        # first wait for everything already queued on the stream.
-        host = torch.tensor(index + lengths, dtype=torch.long, pin_memory=device.type == "cuda")
-        on_device = host.to(device, non_blocking=True)
-        states = [hidden.to(device, torch.float32, non_blocking=True) for hidden, _, _ in items]
-        flat = states[0] if b == 1 else torch.cat(states)
-        rows = flat[on_device[: len(index)]]
-        q = rows[: b * s_max].view(b, s_max, d)
-        c = rows[b * s_max :].view(b, n_max, d)
 
-        null_logits = torch.nn.functional.linear(q, self.null_weight, self.null_bias)  # [B, S, 2]
-        # [B, S, 2d] -> [B, 2S, d]: each slot's start projection, then its end projection.
-        projected = torch.nn.functional.linear(q, self._pointer).view(b, 2 * s_max, d)
-        scores = torch.bmm(projected, c.transpose(1, 2)).view(b, s_max, 2, n_max)
-        scores.mul_(1.0 / math.sqrt(d))
-        if min(lengths) < n_max:
-            padded = torch.arange(n_max, device=device) >= on_device[len(index) :, None]  # [B, N]
-            scores.masked_fill_(padded[:, None, None, :], float("-inf"))
-        pointers = scores.argmax(dim=-1)  # [B, S, 2]: start, end
-        pointers[..., 1].clamp_(min=pointers[..., 0])  # the end is raised to the start
-        probabilities = torch.softmax(scores, dim=-1).gather(-1, pointers[..., None])[..., 0]  # [B, S, 2]
-        presence = torch.softmax(null_logits, dim=-1)[..., :1]
-        packed = torch.cat((null_logits, presence, pointers.to(torch.float32), probabilities), dim=-1).cpu()
-        out = []
-        for i, slots in enumerate(packed.tolist()):  # [S, 7] per prompt; the one wait for the device
-            mine = slots[: len(queries[i])]
-            out.append(
-                HeadDecisions(
-                    # argmax == 0, ties included (argmax returns the first maximum)
-                    present=[absent <= present for present, absent, *_ in mine],
-                    presence_probability=[r[2] for r in mine],
-                    start=[int(r[3]) for r in mine],
-                    end=[int(r[4]) for r in mine],
-                    start_probability=[r[5] for r in mine],
-                    end_probability=[r[6] for r in mine],
-                )
+# One prompt for the batched path: (hidden [T, d], query positions, utterance slice).
+HeadItem = tuple[torch.Tensor, Sequence[int], slice]
+
+
+def decide_groups(groups: Sequence[tuple[ProbeHeads, Sequence[HeadItem]]]) -> list[list[HeadDecisions]]:
+    """:meth:`ProbeHeads.apply` for the prompts of several bundles' heads in one pass.
+
+    The prompts are padded to the longest query and utterance lists (padded candidates masked),
+    so a batch costs about the same ~18 tensor operations as one prompt, plus two per extra set
+    of heads (each bundle's own NullHead and pointer projections); everything after the
+    projections, and the one copy to the host, is shared. On a GPU that per-operation launch
+    overhead, not the arithmetic, is the cost, so the path is written for few operations: a
+    step that answers requests of eight bundles pays it once, not eight times. Decisions equal
+    :meth:`ProbeHeads.apply`'s; probabilities may differ in the last float32 digits with the
+    batch's padding (summation order), as the engine's own states do with its batch. All heads
+    must live on one device and have one width.
+    """
+    groups = [(heads, items) for heads, items in groups]
+    live = [(heads, items) for heads, items in groups if items]
+    if not live:
+        return [[] for _ in groups]
+    device, d = live[0][0].device, live[0][0].hidden_size
+    if any(heads.device != device or heads.hidden_size != d for heads, _ in live):
+        raise ValueError("heads decided together must share one device and width")
+    all_items = [item for _, items in live for item in items]
+    b = len(all_items)
+    queries: list[list[int]] = []
+    spans: list[tuple[int, int]] = []  # (first utterance row, utterance tokens)
+    row = 0
+    for hidden, positions, utterance in all_items:
+        first, stop, _ = utterance.indices(hidden.shape[0])
+        if stop <= first:
+            raise ValueError("the utterance has no tokens")
+        queries.append([row + int(p) for p in positions])
+        spans.append((row + first, stop - first))
+        row += hidden.shape[0]
+    s_max = max(len(q) for q in queries)
+    n_max = max(n for _, n in spans)
+    # The query rows, then the candidate rows, then the utterance lengths: one copy to the
+    # device. Padding points at row 0; padded queries are dropped when unpacking.
+    index = [r for q in queries for r in q + [0] * (s_max - len(q))]
+    index += [start + j if j < n else 0 for start, n in spans for j in range(n_max)]
+    lengths = [n for _, n in spans]
+    # From pinned memory the copy is queued like any kernel; from pageable memory CUDA would
+    # first wait for everything already queued on the stream.
+    host = torch.tensor(index + lengths, dtype=torch.long, pin_memory=device.type == "cuda")
+    on_device = host.to(device, non_blocking=True)
+    states = [hidden.to(device, torch.float32, non_blocking=True) for hidden, _, _ in all_items]
+    flat = states[0] if b == 1 else torch.cat(states)
+    rows = flat[on_device[: len(index)]]
+    q = rows[: b * s_max].view(b, s_max, d)
+    c = rows[b * s_max :].view(b, n_max, d)
+
+    # Each set of heads projects its own prompts' queries: [B_k, S, 2] and [B_k, S, 2d].
+    null_parts, pointer_parts, at = [], [], 0
+    for heads, items in live:
+        mine = q[at : at + len(items)]
+        null_parts.append(torch.nn.functional.linear(mine, heads.null_weight, heads.null_bias))
+        pointer_parts.append(torch.nn.functional.linear(mine, heads._pointer))
+        at += len(items)
+    null_logits = null_parts[0] if len(live) == 1 else torch.cat(null_parts)  # [B, S, 2]
+    # [B, S, 2d] -> [B, 2S, d]: each slot's start projection, then its end projection.
+    projected = (pointer_parts[0] if len(live) == 1 else torch.cat(pointer_parts)).view(b, 2 * s_max, d)
+    scores = torch.bmm(projected, c.transpose(1, 2)).view(b, s_max, 2, n_max)
+    scores.mul_(1.0 / math.sqrt(d))
+    if min(lengths) < n_max:
+        padded = torch.arange(n_max, device=device) >= on_device[len(index) :, None]  # [B, N]
+        scores.masked_fill_(padded[:, None, None, :], float("-inf"))
+    pointers = scores.argmax(dim=-1)  # [B, S, 2]: start, end
+    pointers[..., 1].clamp_(min=pointers[..., 0])  # the end is raised to the start
+    probabilities = torch.softmax(scores, dim=-1).gather(-1, pointers[..., None])[..., 0]  # [B, S, 2]
+    presence = torch.softmax(null_logits, dim=-1)[..., :1]
+    packed = torch.cat((null_logits, presence, pointers.to(torch.float32), probabilities), dim=-1).cpu()
+    decided = []
+    for i, slots in enumerate(packed.tolist()):  # [S, 7] per prompt; the one wait for the device
+        mine = slots[: len(queries[i])]
+        decided.append(
+            HeadDecisions(
+                # argmax == 0, ties included (argmax returns the first maximum)
+                present=[absent <= present for present, absent, *_ in mine],
+                presence_probability=[r[2] for r in mine],
+                start=[int(r[3]) for r in mine],
+                end=[int(r[4]) for r in mine],
+                start_probability=[r[5] for r in mine],
+                end_probability=[r[6] for r in mine],
             )
-        return out
+        )
+    out: list[list[HeadDecisions]] = []
+    at = 0
+    for _, items in groups:
+        out.append(decided[at : at + len(items)])
+        at += len(items)
+    return out
