@@ -5,7 +5,8 @@ Four groups of checks, each with a measured value and a threshold:
 1. structure: architecture, hidden size (= the heads' width), vocabulary size, layer count and
    tokenizer fingerprint equal to what ``bundle pack`` recorded;
 2. provenance: sampled weights equal to the source model's (at AWQ only ``embed_tokens`` and the
-   final norm, which AWQ leaves alone, plus the quantizer's record of its source, if any);
+   final norm, which AWQ leaves alone, plus the quantizer's record of its source, if any, and
+   of the LoRA adapter it folded into the weights, if it did: that must be the bundle's);
 3. function: the serving engine + adapter + heads reproduce the bundle's calibration references
    (decision agreement and score error within the precision's tolerance);
 4. sanity: marker-state norms near the references' (no normalisation) and scores far closer to
@@ -18,7 +19,6 @@ raises :class:`PairingError` naming the check, the measured value and the thresh
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,13 @@ from typing import Any
 import structlog
 
 from probeserve.core.bundle import Bundle
-from probeserve.core.checkpoint import QUANTIZATION_RECORD, read_config
+from probeserve.core.checkpoint import (
+    ADAPTER_FILES,
+    adapter_files,
+    folded_adapter,
+    quantization_record,
+    read_config,
+)
 from probeserve.core.errors import ProbeError
 from probeserve.core.extraction import HiddenStateEngine
 from probeserve.core.prompt import PromptBuilder
@@ -140,21 +146,26 @@ def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
                 "" if match.mismatched == 0 else "not the source model's weights (a different fine-tune?)",
             )
         )
-    checks.extend(_quantization_record(section, model))
+    checks.extend(_quantization_record(section, model, bundle.adapter_path))
     return checks
 
 
-def _quantization_record(section: Mapping[str, Any], model: Path) -> list[Check]:
-    """A checkpoint made by scripts/quantize_awq.py says what it was quantized from: it must be the source."""
-    path = model / QUANTIZATION_RECORD
-    if not path.is_file():
+def _quantization_record(section: Mapping[str, Any], model: Path, adapter: Path) -> list[Check]:
+    """A checkpoint made by scripts/quantize_awq.py says what it was quantized from: it must be the source.
+
+    When the quantizer folded a LoRA adapter into the weights first (``--merge-adapter``), the
+    record also holds that adapter's file digests: they must be the bundle's adapter's, so the
+    checkpoint is shown to be the bundle's source model plus this adapter.
+    """
+    record = quantization_record(model)
+    if record is None:
         return []
-    source = json.loads(path.read_text()).get("source", {})
+    source = record.get("source", {})
     recorded_files = section.get("source", {}).get("files", {})
     claimed = source.get("files", {})
     shared = [name for name in recorded_files if name.endswith(".safetensors") and name in claimed]
     same = bool(shared) and all(claimed[name] == recorded_files[name] for name in shared)
-    return [
+    checks = [
         Check(
             "provenance.quantized_from",
             same,
@@ -163,6 +174,24 @@ def _quantization_record(section: Mapping[str, Any], model: Path) -> list[Check]
             "" if same else "this AWQ checkpoint was quantized from another model",
         )
     ]
+    folded = folded_adapter(model)
+    if folded is not None:
+        expected = adapter_files(adapter)
+        claimed_adapter = folded.get("files", {})
+        differing = sorted(name for name in ADAPTER_FILES if claimed_adapter.get(name) != expected.get(name))
+        checks.append(
+            Check(
+                "provenance.adapter_folded",
+                not differing,
+                f"folded {folded.get('path', '?')} ({len(ADAPTER_FILES) - len(differing)}/"
+                f"{len(ADAPTER_FILES)} adapter files equal)",
+                "the bundle's lora_adapter files (sha256)",
+                f"another adapter was folded into this checkpoint ({', '.join(differing)} differ)"
+                if differing
+                else "",
+            )
+        )
+    return checks
 
 
 async def function_checks(
