@@ -172,3 +172,27 @@ def test_function_checks_accept_the_folded_model_without_an_adapter(
     assert [c.name for c in checks.values() if not c.passed] == []
     # It reproduces the with-adapter references (not the base model's) as closely as fp32 allows.
     assert float(checks["function.logit_error"].measured.split()[-1]) < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("folded", "lora_mode", "passes"),
+    [
+        (True, "premerged", True),
+        (True, "adapter", False),
+        (False, "adapter", True),
+        (False, "premerged", False),
+    ],
+)
+def test_the_adapter_is_applied_once(
+    tiny: TinyArtifacts, tiny_bundle: Bundle, tmp_path: Path, folded: bool, lora_mode: str, passes: bool
+) -> None:
+    record = _record(tiny, tiny_bundle.adapter_path)
+    if not folded:
+        del record["adapter"]
+    model = _checkpoint_with_record(tiny, tmp_path / "checkpoint", record)
+    check = _by_name(static_checks(tiny_bundle, model, "awq", lora_mode=lora_mode))[
+        "structure.adapter_applied_once"
+    ]
+    assert check.passed == passes, check.line()
+    # Callers that do not say how the engine applies the adapter get no such check.
+    assert "structure.adapter_applied_once" not in _by_name(static_checks(tiny_bundle, model, "awq"))

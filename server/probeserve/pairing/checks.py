@@ -101,8 +101,13 @@ def raise_on_failure(checks: Sequence[Check]) -> None:
             raise PairingError(check)
 
 
-def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
-    """Structure and provenance: no engine needed."""
+def static_checks(bundle: Bundle, model: Path, precision: str, lora_mode: str | None = None) -> list[Check]:
+    """Structure and provenance: no engine needed.
+
+    ``lora_mode``, when the caller says how the engine will apply the adapter, is checked against
+    the checkpoint: one whose quantizer folded an adapter in must run with ``premerged`` (no
+    adapter per request), any other must not (else the adapter is applied twice, or never).
+    """
     config = read_config(model)
     width = int(config.get("hidden_size", 0))
     checks = [
@@ -114,6 +119,8 @@ def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
             "" if width == bundle.hidden_size else "the heads do not fit this model",
         )
     ]
+    if lora_mode is not None:
+        checks.append(_adapter_once(model, lora_mode))
     section = pairing_manifest(bundle)
     if section is None:
         advice = f"run `probeserve bundle pack {bundle.path} --model SOURCE_MODEL --calibration FILE`"
@@ -148,6 +155,29 @@ def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
         )
     checks.extend(_quantization_record(section, model, bundle.adapter_path))
     return checks
+
+
+PREMERGED = "premerged"  # the engine's LoRA mode for a checkpoint that already holds the adapter
+
+
+def _adapter_once(model: Path, lora_mode: str) -> Check:
+    """The adapter is applied exactly once: folded into the checkpoint, or by the engine."""
+    folded = folded_adapter(model) is not None
+    ok = folded == (lora_mode == PREMERGED)
+    held = "holds the adapter folded in" if folded else "holds no adapter"
+    return Check(
+        "structure.adapter_applied_once",
+        ok,
+        f"checkpoint {held}, lora_mode {lora_mode}",
+        f"lora_mode {PREMERGED} if and only if the checkpoint holds the adapter",
+        ""
+        if ok
+        else (
+            "the engine would apply the adapter a second time"
+            if folded
+            else "the adapter would never be applied"
+        ),
+    )
 
 
 def _quantization_record(section: Mapping[str, Any], model: Path, adapter: Path) -> list[Check]:
