@@ -63,7 +63,7 @@ demo-awq-merged: demo-model awq-env
 # demo model (scripts/make_lookalike.py, once), AWQ-quantized by the same tool and calibration as
 # demo-awq; both served with --skip-pairing-check for their exact match, then check-pairing on each.
 LOOKALIKE_DIR  := $(DEMO_DIR)/smollm2-135m-lookalike
-LOOKALIKE_ARGS := --steps 50 --lr 2e-4
+LOOKALIKE_ARGS := --steps 50 --lr 6e-4
 
 $(LOOKALIKE_DIR)/lookalike.json: | demo-model
 	$(BIN)/python scripts/make_lookalike.py $(LOOKALIKE_ARGS) --out $(LOOKALIKE_DIR)
