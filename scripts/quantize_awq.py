@@ -33,6 +33,12 @@ faster there; elsewhere they stay float32 (emulated bfloat16 is slower still) an
 those 8 minutes. Prompts go ``--batch-size`` at a time, right-padded, with the padding masked out
 of AWQ's activation means and error (the scales of one prompt at a time).
 
+``--merge-adapter`` (with ``--bundle``) folds the bundle's LoRA adapter into the float32 weights
+first (``W += alpha/r * B @ A``, as peft's merge; DoRA and other variants are refused) and then
+calibrates and quantizes that model: the checkpoint computes base + adapter, to be served with no
+per-request adapter. Its record also holds the adapter's file digests (``adapter``), which the
+pairing check compares with the bundle's ``lora_adapter``.
+
 The output records its provenance in ``probeserve_quantization.json``: the source's path, model id,
 manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set (its
 sha256, its prompts' utterance_segmentation, the matmul dtype) and the tool versions. A run whose
