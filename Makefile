@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve demo-model test test-ts lint protos check-protos check-breaking check-deploy clean awq-env demo-awq ts-deps
+.PHONY: setup serve demo-model test test-ts lint protos check-protos check-breaking check-deploy clean awq-env demo-awq demo-awq-merged pairing-table ts-deps
 
 setup: $(STAMP)
 
@@ -32,6 +32,7 @@ demo-model: setup
 AWQ_VENV  := .tools/awq
 AWQ_STAMP := $(AWQ_VENV)/.installed
 DEMO_DIR  := $(or $(PROBESERVE_CACHE),.cache)/models
+DEMO_BUNDLE := bundles/xlam-smollm2-135m-v2
 
 awq-env: $(AWQ_STAMP)
 
@@ -47,8 +48,31 @@ $(AWQ_STAMP): scripts/requirements-awq.txt
 # utterance_segmentation; a no-op when its probeserve_quantization.json already records the same
 # source and calibration.
 demo-awq: demo-model awq-env
-	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle bundles/xlam-smollm2-135m-v2 \
+	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle $(DEMO_BUNDLE) \
 		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq
+
+# The same, with the demo bundle's LoRA adapter folded into the weights first (--merge-adapter):
+# calibrated and quantized as served, and served with no per-request adapter once the engine can
+# run a pre-merged checkpoint (README "AWQ of the merged model"). Its record names the adapter's
+# sha256, which the pairing check compares with the bundle's.
+demo-awq-merged: demo-model awq-env
+	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle $(DEMO_BUNDLE) --merge-adapter \
+		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq-merged
+
+# The pairing table (README "The pairing check"): a look-alike, i.e. a different fine-tune of the
+# demo model (scripts/make_lookalike.py, once), AWQ-quantized by the same tool and calibration as
+# demo-awq; both served with --skip-pairing-check for their exact match, then check-pairing on each.
+LOOKALIKE_DIR  := $(DEMO_DIR)/smollm2-135m-lookalike
+LOOKALIKE_ARGS := --steps 50 --lr 6e-4
+
+$(LOOKALIKE_DIR)/lookalike.json: | demo-model
+	$(BIN)/python scripts/make_lookalike.py $(LOOKALIKE_ARGS) --out $(LOOKALIKE_DIR)
+
+pairing-table: demo-awq $(LOOKALIKE_DIR)/lookalike.json
+	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle $(DEMO_BUNDLE) \
+		--model $(LOOKALIKE_DIR) --out $(LOOKALIKE_DIR)-awq
+	$(BIN)/python scripts/pairing_table.py --bundle $(DEMO_BUNDLE) \
+		--right $(DEMO_DIR)/smollm2-135m-instruct-awq --lookalike $(LOOKALIKE_DIR)-awq
 
 # The TypeScript SDK's dependencies (its generator, protoc-gen-es, among them), exactly as its
 # committed package-lock.json says.

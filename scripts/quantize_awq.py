@@ -33,6 +33,12 @@ faster there; elsewhere they stay float32 (emulated bfloat16 is slower still) an
 those 8 minutes. Prompts go ``--batch-size`` at a time, right-padded, with the padding masked out
 of AWQ's activation means and error (the scales of one prompt at a time).
 
+``--merge-adapter`` (with ``--bundle``) folds the bundle's LoRA adapter into the float32 weights
+first (``W += alpha/r * B @ A``, as peft's merge; DoRA and other variants are refused) and then
+calibrates and quantizes that model: the checkpoint computes base + adapter, to be served with no
+per-request adapter. Its record also holds the adapter's file digests (``adapter``), which the
+pairing check compares with the bundle's ``lora_adapter``.
+
 The output records its provenance in ``probeserve_quantization.json``: the source's path, model id,
 manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set (its
 sha256, its prompts' utterance_segmentation, the matmul dtype) and the tool versions. A run whose
@@ -66,12 +72,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "server"))
 from probeserve.core import segmentation  # noqa: E402
 from probeserve.core.checkpoint import QUANTIZATION_RECORD as RECORD  # noqa: E402
-from probeserve.core.checkpoint import sha256_file  # noqa: E402
+from probeserve.core.checkpoint import adapter_files, sha256_file  # noqa: E402
 
-SCHEME = "W4A16_ASYM"
+SCHEMES = {False: "W4A16_ASYM", True: "W4A16_SYM"}  # by --symmetric
+ADAPTER_DIR = "lora_adapter"  # a bundle's adapter folder (probeserve.core.bundle.ADAPTER_DIR)
 DEFAULT_SAMPLES = 128
 DEFAULT_GROUP_SIZE = 64  # SmolLM2-135M's width, 576, is not a multiple of the usual 128
 DEFAULT_N_GRID = 20  # llm-compressor's default
+DUO_SCALING: dict[str, bool | str] = {"true": True, "false": False, "both": "both"}  # AWQModifier's
 DEFAULT_MAX_SEQ_LEN = 512  # the server's default --max-model-len
 # Copied byte for byte, so the quantized model tokenizes exactly as its source does.
 TOKENIZER_FILES = (
@@ -86,6 +94,67 @@ BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo flags of hardware 
 # where 1 took 30 and 64 (more padding) 38.
 DEFAULT_BATCH_SIZE = 16
 TOOLS = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+
+
+# peft adapter_config.json settings the fold below does not implement: refused rather than guessed.
+UNSUPPORTED_ADAPTER = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+}
+
+
+def fold_adapter(model: Any, adapter: Path) -> int:
+    """Fold a peft LoRA adapter into ``model``'s weights in place: ``W += scaling * B @ A`` in float32.
+
+    What peft's ``merge_and_unload`` computes for a plain LoRA (``scaling = alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA), without needing peft in this env. Settings it does not
+    implement (DoRA, biases, per-module ranks, modules to save) are refused. Returns how many
+    weights it changed.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise SystemExit(f"{adapter}: peft_type {config.get('peft_type')!r}; only LORA adapters fold")
+    for key, plain in UNSUPPORTED_ADAPTER.items():
+        if config.get(key, plain) not in (plain, None):
+            raise SystemExit(f"{adapter}: {key}={config[key]!r} is not folded by this tool")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if config.get(key):
+            raise SystemExit(f"{adapter}: {key} is not folded by this tool")
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in name:
+                module = name.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(module, {})[part] = tensor
+                break
+        else:
+            raise SystemExit(f"{adapter}: tensor {name} is not a LoRA A or B matrix")
+    with torch.no_grad():
+        for module_name, pair in sorted(pairs.items()):
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise SystemExit(f"{adapter}: {module_name} lacks its lora_A or lora_B")
+            weight = model.get_submodule(module_name).weight
+            delta = pair["lora_B"].to(torch.float32) @ pair["lora_A"].to(torch.float32)
+            if delta.shape != weight.shape:
+                raise SystemExit(
+                    f"{adapter}: {module_name} delta {tuple(delta.shape)} != {tuple(weight.shape)}"
+                )
+            weight.add_((scaling * delta).to(weight.dtype))
+    return len(pairs)
+
+
+def describe_adapter(adapter: Path) -> dict[str, Any]:
+    """What identifies a folded adapter: its files by sha256 (as the pairing check recomputes them)."""
+    return {"path": str(adapter), "files": adapter_files(adapter), "fold": "W + scaling * B @ A, float32"}
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
@@ -260,12 +329,16 @@ def quantize(
     n_grid: int,
     matmul_dtype: str,
     batch_size: int,
+    adapter: Path | None = None,
+    symmetric: bool = False,
+    duo_scaling: bool | str = True,
 ) -> None:
     """Calibrate with float32 weights and ``matmul_dtype`` products, save in ``dtype``.
 
     The weights stay float32 throughout, so what AWQ leaves unquantized (embeddings, norms, the
     scales it folds into them) is computed exactly; with ``bfloat16`` only the calibration
-    forward passes multiply in bfloat16 (``torch.autocast``), as on a GPU.
+    forward passes multiply in bfloat16 (``torch.autocast``), as on a GPU. With ``adapter`` the
+    LoRA adapter is folded into the float32 weights first (:func:`fold_adapter`).
     """
     import torch
 
@@ -281,11 +354,14 @@ def quantize(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    if adapter is not None:  # calibrate and quantize what serving computes: base + adapter
+        fold_adapter(model, adapter)
     weights = QuantizationArgs(
-        num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=False, dynamic=False
+        num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=symmetric, dynamic=False
     )
     recipe = [
-        AWQModifier(n_grid=n_grid),  # the Llama mappings: norms -> q/k/v and gate/up, v -> o, up -> down
+        # The Llama mappings: norms -> q/k/v and gate/up, v -> o, up -> down.
+        AWQModifier(n_grid=n_grid, duo_scaling=duo_scaling),
         QuantizationModifier(
             config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
             ignore=["lm_head"],
@@ -323,8 +399,17 @@ def identity(record: dict[str, Any]) -> dict[str, Any]:
     """What makes two checkpoints the same: content, not where the source or the texts lay."""
     source = {k: v for k, v in record.get("source", {}).items() if k != "path"}
     calibration = {k: v for k, v in record.get("calibration", {}).items() if k != "source"}
+    adapter = {k: v for k, v in (record.get("adapter") or {}).items() if k != "path"}
     rest = {k: record.get(k) for k in ("scheme", "group_size", "dtype", "n_grid")}
-    return {"source": source, "calibration": calibration, **rest}
+    # Records from before --duo-scaling existed were made with llm-compressor's default, True.
+    duo_scaling = record.get("duo_scaling", True)
+    return {
+        "source": source,
+        "adapter": adapter,
+        "calibration": calibration,
+        "duo_scaling": duo_scaling,
+        **rest,
+    }
 
 
 def up_to_date(out: Path, wanted: dict[str, Any]) -> bool:
@@ -362,12 +447,21 @@ def main(argv: list[str] | None = None) -> int:
                         "has it in hardware, else float32")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="prompts per calibration pass (%(default)s; padding is masked)")  # fmt: skip
+    parser.add_argument("--symmetric", action="store_true", help="symmetric INT4 (no zero points)")
+    parser.add_argument("--duo-scaling", choices=sorted(DUO_SCALING), default="true",
+                        help="AWQ scales from activations and weights (true), activations only "
+                        "(false), or half the grid each (both) (%(default)s)")  # fmt: skip
+    parser.add_argument("--merge-adapter", action="store_true",
+                        help="fold the --bundle's LoRA adapter into the weights, then calibrate and "
+                        "quantize the merged model (served without a per-request adapter)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="quantize even if --out is up to date")
     args = parser.parse_args(argv)
     if args.n_grid < 3:  # llm-compressor's search divides by n_grid - 2
         parser.error("--n-grid must be at least 3")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.merge_adapter and args.bundle is None:
+        parser.error("--merge-adapter folds the adapter of a --bundle")
     if args.texts is not None and (args.bundle or args.utterance_segmentation):
         parser.error("--texts are tokenized whole: no --bundle or --utterance-segmentation with them")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
@@ -410,12 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     matmul_dtype = args.matmul_dtype
     if matmul_dtype == "auto":
         matmul_dtype = "bfloat16" if native_bf16_matmuls() else "float32"
+    adapter = (args.bundle.resolve() / ADAPTER_DIR) if args.merge_adapter else None
     wanted: dict[str, Any] = {
         "source": describe_source(source),
-        "scheme": SCHEME,
+        **({"adapter": describe_adapter(adapter)} if adapter is not None else {}),
+        "scheme": SCHEMES[args.symmetric],
         "group_size": args.group_size,
         "dtype": dtype,
         "n_grid": args.n_grid,
+        "duo_scaling": DUO_SCALING[args.duo_scaling],
         "calibration": {
             **calibration,
             "samples": len(texts),
@@ -452,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             n_grid=args.n_grid,
             matmul_dtype=matmul_dtype,
             batch_size=args.batch_size,
+            adapter=adapter,
+            symmetric=args.symmetric,
+            duo_scaling=DUO_SCALING[args.duo_scaling],
         )
         record = {
             **wanted,
@@ -464,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
-    print(f"{out}: {SCHEME} g{args.group_size} from {len(token_ids)} samples in {record['seconds']} s",
-          file=sys.stderr)  # fmt: skip
+    scheme, seconds = record["scheme"], record["seconds"]
+    print(f"{out}: {scheme} g{args.group_size} from {len(token_ids)} samples in {seconds} s", file=sys.stderr)
     return 0
 
 

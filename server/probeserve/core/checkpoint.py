@@ -17,6 +17,8 @@ from probeserve.core.errors import ProbeError
 CONFIG_FILE = "config.json"
 # Written by scripts/quantize_awq.py beside a checkpoint it made: what it was quantized from.
 QUANTIZATION_RECORD = "probeserve_quantization.json"
+# The adapter files whose digests identify a LoRA adapter (what peft writes and loads).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def sha256_file(path: Path) -> str:
@@ -26,6 +28,37 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def adapter_files(adapter: Path) -> dict[str, str]:
+    """A LoRA adapter's identity: the sha256 of each of its :data:`ADAPTER_FILES` present."""
+    return {name: sha256_file(adapter / name) for name in ADAPTER_FILES if (adapter / name).is_file()}
+
+
+def quantization_record(model: Path) -> dict[str, Any] | None:
+    """The quantizer's record beside the checkpoint (:data:`QUANTIZATION_RECORD`), ``None`` if none."""
+    path = model / QUANTIZATION_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ProbeError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ProbeError(f"{path} does not hold a JSON object")
+    return record
+
+
+def folded_adapter(model: Path) -> dict[str, Any] | None:
+    """The LoRA adapter the quantizer folded into this checkpoint's weights (its record's
+    ``adapter``: path and file digests), or ``None`` when the checkpoint holds the base model only.
+
+    A checkpoint with a folded adapter already computes base + adapter: the engine must not apply
+    the adapter again, and the pairing check compares the digests with the bundle's adapter.
+    """
+    record = quantization_record(model)
+    adapter = record.get("adapter") if record else None
+    return adapter if isinstance(adapter, dict) else None
 
 
 def read_config(model: Path) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Four groups of checks, each with a measured value and a threshold:
 1. structure: architecture, hidden size (= the heads' width), vocabulary size, layer count and
    tokenizer fingerprint equal to what ``bundle pack`` recorded;
 2. provenance: sampled weights equal to the source model's (at AWQ only ``embed_tokens`` and the
-   final norm, which AWQ leaves alone, plus the quantizer's record of its source, if any);
+   final norm, which AWQ leaves alone, plus the quantizer's record of its source, if any, and
+   of the LoRA adapter it folded into the weights, if it did: that must be the bundle's);
 3. function: the serving engine + adapter + heads reproduce the bundle's calibration references
    (decision agreement and score error within the precision's tolerance);
 4. sanity: marker-state norms near the references' (no normalisation) and scores far closer to
@@ -18,7 +19,6 @@ raises :class:`PairingError` naming the check, the measured value and the thresh
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,13 @@ from typing import Any
 import structlog
 
 from probeserve.core.bundle import Bundle
-from probeserve.core.checkpoint import QUANTIZATION_RECORD, read_config
+from probeserve.core.checkpoint import (
+    ADAPTER_FILES,
+    adapter_files,
+    folded_adapter,
+    quantization_record,
+    read_config,
+)
 from probeserve.core.errors import ErrorKind, ProbeError
 from probeserve.core.extraction import HiddenStateEngine
 from probeserve.core.prompt import PromptBuilder
@@ -97,8 +103,13 @@ def raise_on_failure(checks: Sequence[Check]) -> None:
             raise PairingError(check)
 
 
-def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
-    """Structure and provenance: no engine needed."""
+def static_checks(bundle: Bundle, model: Path, precision: str, lora_mode: str | None = None) -> list[Check]:
+    """Structure and provenance: no engine needed.
+
+    ``lora_mode``, when the caller says how the engine will apply the adapter, is checked against
+    the checkpoint: one whose quantizer folded an adapter in must run with ``premerged`` (no
+    adapter per request), any other must not (else the adapter is applied twice, or never).
+    """
     config = read_config(model)
     width = int(config.get("hidden_size", 0))
     checks = [
@@ -110,6 +121,8 @@ def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
             "" if width == bundle.hidden_size else "the heads do not fit this model",
         )
     ]
+    if lora_mode is not None:
+        checks.append(_adapter_once(model, lora_mode))
     section = pairing_manifest(bundle)
     if section is None:
         advice = f"run `probeserve bundle pack {bundle.path} --model SOURCE_MODEL --calibration FILE`"
@@ -142,21 +155,49 @@ def static_checks(bundle: Bundle, model: Path, precision: str) -> list[Check]:
                 "" if match.mismatched == 0 else "not the source model's weights (a different fine-tune?)",
             )
         )
-    checks.extend(_quantization_record(section, model))
+    checks.extend(_quantization_record(section, model, bundle.adapter_path))
     return checks
 
 
-def _quantization_record(section: Mapping[str, Any], model: Path) -> list[Check]:
-    """A checkpoint made by scripts/quantize_awq.py says what it was quantized from: it must be the source."""
-    path = model / QUANTIZATION_RECORD
-    if not path.is_file():
+PREMERGED = "premerged"  # the engine's LoRA mode for a checkpoint that already holds the adapter
+
+
+def _adapter_once(model: Path, lora_mode: str) -> Check:
+    """The adapter is applied exactly once: folded into the checkpoint, or by the engine."""
+    folded = folded_adapter(model) is not None
+    ok = folded == (lora_mode == PREMERGED)
+    held = "holds the adapter folded in" if folded else "holds no adapter"
+    return Check(
+        "structure.adapter_applied_once",
+        ok,
+        f"checkpoint {held}, lora_mode {lora_mode}",
+        f"lora_mode {PREMERGED} if and only if the checkpoint holds the adapter",
+        ""
+        if ok
+        else (
+            "the engine would apply the adapter a second time"
+            if folded
+            else "the adapter would never be applied"
+        ),
+    )
+
+
+def _quantization_record(section: Mapping[str, Any], model: Path, adapter: Path) -> list[Check]:
+    """A checkpoint made by scripts/quantize_awq.py says what it was quantized from: it must be the source.
+
+    When the quantizer folded a LoRA adapter into the weights first (``--merge-adapter``), the
+    record also holds that adapter's file digests: they must be the bundle's adapter's, so the
+    checkpoint is shown to be the bundle's source model plus this adapter.
+    """
+    record = quantization_record(model)
+    if record is None:
         return []
-    source = json.loads(path.read_text()).get("source", {})
+    source = record.get("source", {})
     recorded_files = section.get("source", {}).get("files", {})
     claimed = source.get("files", {})
     shared = [name for name in recorded_files if name.endswith(".safetensors") and name in claimed]
     same = bool(shared) and all(claimed[name] == recorded_files[name] for name in shared)
-    return [
+    checks = [
         Check(
             "provenance.quantized_from",
             same,
@@ -165,6 +206,24 @@ def _quantization_record(section: Mapping[str, Any], model: Path) -> list[Check]
             "" if same else "this AWQ checkpoint was quantized from another model",
         )
     ]
+    folded = folded_adapter(model)
+    if folded is not None:
+        expected = adapter_files(adapter)
+        claimed_adapter = folded.get("files", {})
+        differing = sorted(name for name in ADAPTER_FILES if claimed_adapter.get(name) != expected.get(name))
+        checks.append(
+            Check(
+                "provenance.adapter_folded",
+                not differing,
+                f"folded {folded.get('path', '?')} ({len(ADAPTER_FILES) - len(differing)}/"
+                f"{len(ADAPTER_FILES)} adapter files equal)",
+                "the bundle's lora_adapter files (sha256)",
+                f"another adapter was folded into this checkpoint ({', '.join(differing)} differ)"
+                if differing
+                else "",
+            )
+        )
+    return checks
 
 
 async def function_checks(
