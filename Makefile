@@ -52,9 +52,10 @@ demo-awq: demo-model awq-env
 		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq
 
 # The same, with the demo bundle's LoRA adapter folded into the weights first (--merge-adapter):
-# calibrated and quantized as served, and served with no per-request adapter once the engine can
-# run a pre-merged checkpoint (README "AWQ of the merged model"). Its record names the adapter's
-# sha256, which the pairing check compares with the bundle's.
+# calibrated and quantized as served, and served with no per-request adapter (--lora-mode
+# premerged, which auto picks for it; README "AWQ of the merged model"):
+#   make serve ARGS="--bundle bundles/xlam-smollm2-135m-v2 --model .cache/models/smollm2-135m-instruct-awq-merged"
+# Its record names the adapter's sha256, which the pairing check compares with the bundle's.
 demo-awq-merged: demo-model awq-env
 	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle $(DEMO_BUNDLE) --merge-adapter \
 		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq-merged

@@ -454,14 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-adapter", action="store_true",
                         help="fold the --bundle's LoRA adapter into the weights, then calibrate and "
                         "quantize the merged model (served without a per-request adapter)")  # fmt: skip
+    parser.add_argument("--adapter", type=Path,
+                        help="with --merge-adapter: the LoRA adapter directory to fold (default: the "
+                        "--bundle's); lets --texts calibrate a merged model")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="quantize even if --out is up to date")
     args = parser.parse_args(argv)
     if args.n_grid < 3:  # llm-compressor's search divides by n_grid - 2
         parser.error("--n-grid must be at least 3")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    if args.merge_adapter and args.bundle is None:
-        parser.error("--merge-adapter folds the adapter of a --bundle")
+    if args.merge_adapter and args.bundle is None and args.adapter is None:
+        parser.error("--merge-adapter folds the adapter of a --bundle (or --adapter)")
+    if args.adapter is not None and not args.merge_adapter:
+        parser.error("--adapter goes with --merge-adapter")
     if args.texts is not None and (args.bundle or args.utterance_segmentation):
         parser.error("--texts are tokenized whole: no --bundle or --utterance-segmentation with them")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
@@ -504,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     matmul_dtype = args.matmul_dtype
     if matmul_dtype == "auto":
         matmul_dtype = "bfloat16" if native_bf16_matmuls() else "float32"
-    adapter = (args.bundle.resolve() / ADAPTER_DIR) if args.merge_adapter else None
+    adapter = None
+    if args.merge_adapter:
+        adapter = args.adapter.resolve() if args.adapter is not None else args.bundle.resolve() / ADAPTER_DIR
     wanted: dict[str, Any] = {
         "source": describe_source(source),
         **({"adapter": describe_adapter(adapter)} if adapter is not None else {}),

@@ -27,6 +27,7 @@ from tests.support.tiny_model import (
     CORPUS,
     TinyArtifacts,
     make_lookalike,
+    set_tolerance,
 )
 
 CLI_TIMEOUT_S = 300
@@ -46,6 +47,15 @@ def lookalike_awq(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("lookalike")
     lookalike = make_lookalike(tiny.model_dir, root / "fp32", "lora")
     return awq.quantize(lookalike, root / "awq", _calibration_texts())
+
+
+@pytest.fixture(scope="module")
+def premerged_awq(tiny: TinyArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with the tiny bundle's adapter folded in, then quantized (--merge-adapter)."""
+    out = tmp_path_factory.mktemp("premerged") / "model"
+    return awq.quantize(
+        tiny.model_dir, out, _calibration_texts(), merge_adapter=tiny.bundle_dir / "lora_adapter"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +164,36 @@ def test_unpacked_bundle_is_refused_at_awq_with_advice(
     result = _probeserve("check-pairing", "--bundle", str(bundle), "--model", str(tiny_awq))
     assert result.returncode == 3, result.stderr[-3000:]
     assert "FAIL bundle.pairing" in result.stdout and "probeserve bundle pack" in result.stdout
+
+
+def test_a_checkpoint_holding_the_adapter_serves_premerged(
+    tiny: TinyArtifacts, premerged_awq: Path, tmp_path: Path
+) -> None:
+    """An AWQ checkpoint quantized with the bundle's adapter folded in: `auto` serves it without a
+    per-request adapter (premerged), the pairing check passes (the folded adapter is the
+    bundle's), and the same checkpoint with the adapter per request is refused (applied twice)."""
+    # The tiny bundle's heads are random, so its scores swing with any rounding: folded and then
+    # quantized, its calibration scores are 0.40 from the float32 references (its plain AWQ
+    # checkpoint's, 0.26), over the default 0.35. A bundle carries its own tolerances: this copy
+    # allows 0.5; the look-alike's 1.26 (test above) stays far outside.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny.bundle_dir, bundle)
+    set_tolerance(bundle, "awq", max_logit_error=0.5)
+    server = start_server(
+        bundle=bundle, model=premerged_awq, log_path=tmp_path / "server.log",
+        extra_args=("--eager",), timeout_s=CLI_TIMEOUT_S,
+    )  # fmt: skip
+    try:
+        started = next(e for e in server.log_lines() if e.get("event") == "engine_started")
+        passed = next(e for e in server.log_lines() if e.get("event") == "pairing_passed")
+        assert started["lora_mode"] == passed["lora_mode"] == "premerged"
+        assert started["precision"] == "awq"
+        with ProbeClient(server.target, timeout=60) as client:
+            slots = client.extract("get_weather", "Is it raining in Oslo tomorrow?").slots
+            assert [s.name for s in slots] == ["city", "unit"]
+    finally:
+        server.stop()
+    twice = _probeserve("check-pairing", "--bundle", str(bundle), "--model", str(premerged_awq),
+                        "--lora-mode", "adapter")  # fmt: skip
+    assert twice.returncode == 3, twice.stdout + twice.stderr
+    assert "FAIL structure.adapter_applied_once" in twice.stdout

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from probeserve.core.checkpoint import folded_adapter
 from probeserve.core.errors import BundleError, ProbeError
 from probeserve.engines.config import (
     DEFAULT_BATCH_WAIT_MS,
@@ -73,10 +74,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="auto: awq for a 4-bit checkpoint, else bf16 on GPUs and CPUs with native bf16, else fp32",
     )  # fmt: skip
     parser.add_argument(
-        "--lora-mode", choices=["auto", "adapter", "merged"], default="auto",
+        "--lora-mode", choices=["auto", "adapter", "merged", "premerged"], default="auto",
         help="merged: merge the adapter into the weights once (cached, verified) and run the engine "
-        "without LoRA (one bundle only); adapter: each request carries its bundle's adapter; auto: "
-        "merged for one bundle at full precision without --admin, else adapter",
+        "without LoRA (one bundle only); adapter: each request carries its bundle's adapter; "
+        "premerged: the checkpoint already holds the bundle's adapter (scripts/quantize_awq.py "
+        "--merge-adapter; one bundle only); auto: premerged for such a checkpoint, else merged for "
+        "one bundle at full precision without --admin, else adapter",
     )  # fmt: skip
     parser.add_argument(
         "--max-loras", type=_positive_int,
@@ -234,7 +237,9 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     except ProbeError as exc:
         sys.exit(f"error: {exc}")
     lora_mode = args.lora_mode
-    if lora_mode == "auto":
+    if lora_mode == "auto" and folded_adapter(model) is not None:
+        lora_mode = "premerged"
+    elif lora_mode == "auto":
         one_bundle = len(bundles) == 1 and not getattr(args, "admin", False)
         full = precision in PRECISION_DTYPES and args.load_format != "dummy"
         lora_mode = "merged" if one_bundle and full else "adapter"

@@ -30,12 +30,18 @@ def available() -> bool:
 
 
 def quantize(
-    model_dir: Path, out_dir: Path, texts: list[str], group_size: int = 64, n_grid: int = 20
+    model_dir: Path,
+    out_dir: Path,
+    texts: list[str],
+    group_size: int = 64,
+    n_grid: int = 20,
+    merge_adapter: Path | None = None,
 ) -> Path:
     """AWQ W4A16 (asymmetric, ``group_size``) of ``model_dir`` into ``out_dir``, calibrated on ``texts``.
 
     Texts travel as JSON strings, one a line, so they may hold newlines (serving prompts do).
     ``n_grid`` (at least 3) trades AWQ's scale search for speed; 20 is llm-compressor's default.
+    ``merge_adapter``: fold this LoRA adapter into the weights first (``--merge-adapter``).
     Returns ``out_dir``; raises :class:`QuantizeError` with the tool's stderr tail on failure.
     """
     if not available():
@@ -50,6 +56,8 @@ def quantize(
             "--model", str(model_dir), "--out", str(out_dir), "--texts", str(texts_file),
             "--samples", str(len(texts)), "--group-size", str(group_size), "--n-grid", str(n_grid),
         ]  # fmt: skip
+        if merge_adapter is not None:
+            cmd += ["--merge-adapter", "--adapter", str(merge_adapter)]
         # The tool's own torch, not one inherited through PYTHONPATH from the test process.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         try:

