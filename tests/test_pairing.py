@@ -81,7 +81,7 @@ def test_heads_that_do_not_fit_are_refused(tiny: TinyArtifacts, tmp_path: Path) 
         heads["pointer_head"][name] = heads["pointer_head"][name][:64, :64]
     torch.save(heads, bundle_dir / "probe_heads.pt")
     check = static_checks(load_bundle(bundle_dir), tiny.model_dir, "fp32")[0]
-    assert (check.name, check.passed) == ("structure.hidden_size", False)
+    assert (check.name, check.passed) == ("structure.heads_width", False)
     assert "128" in check.measured and "64" in check.threshold and "do not fit" in check.detail
 
 

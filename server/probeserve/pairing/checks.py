@@ -114,7 +114,7 @@ def static_checks(bundle: Bundle, model: Path, precision: str, lora_mode: str | 
     width = int(config.get("hidden_size", 0))
     checks = [
         Check(
-            "structure.hidden_size",
+            "structure.heads_width",
             width == bundle.hidden_size,
             f"model hidden size {width}",
             f"= the heads' width {bundle.hidden_size}",
