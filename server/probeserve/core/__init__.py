@@ -2,7 +2,8 @@
 
 Holds the bundle (loading, schemas), the prompt layout and its tokenization, the head math, span
 decoding, the extraction pipeline (validate, prompt, engine, heads, spans) over an engine
-*protocol*, what a model directory says about itself (``checkpoint``), and the error types
+*protocol*, the registry of loaded bundles (which one answers a request, and when a retired one
+is idle), what a model directory says about itself (``checkpoint``), and the error types
 every layer raises.
 
 May import: the standard library, torch, safetensors and transformers (tokenizers). Never grpc,
