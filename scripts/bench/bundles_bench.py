@@ -30,21 +30,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import percentile
+from make_bundle import UTTERANCES  # the benchmark's ~60-token prompts (common puts gpu/ on the path)
 
 from probeserve.launcher import RunningServer, start_server
 from probeserve_client import ProbeClient
 
 BUNDLES = 8
 SPREADS = (1, 2, 8)
-# (function, utterance): the same ~60-token prompts as scripts/bench/gpu/make_bundle.py's.
-UTTERANCES = [
-    ("book_flight", "Please book me a flight from Paris to Tokyo on March 3rd for two adults, economy "
-     "class, and I would prefer a morning departure if one is available."),
-    ("get_weather", "What is the weather going to be like in Berlin tomorrow afternoon? Please give me "
-     "the temperature in celsius and tell me whether I should bring an umbrella."),
-    ("transfer_money", "Send two hundred and fifty euros to Maria Gonzalez for the concert tickets she "
-     "bought last week, and add a note saying thanks for organising everything."),
-]  # fmt: skip
 
 
 def closed_loop(target: str, bundles: list[str], concurrency: int, n: int, warmup: int) -> list[float]:
