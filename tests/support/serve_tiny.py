@@ -5,7 +5,8 @@
 Makes the tiny model and its packed bundle in a temporary directory (seconds, no downloads),
 starts a real ``probeserve serve`` on it (fp32, the adapter merged, a loopback port of its own
 choosing) exactly as the pytest session server is started, prints one JSON line
-``{"target": "127.0.0.1:PORT", "log": PATH}`` once it is SERVING, and serves until its stdin
+``{"target": "127.0.0.1:PORT", "log": PATH, "bundle": DIR}`` once it is SERVING (``bundle``: the
+served bundle's directory, for LoadBundle calls), and serves until its stdin
 closes or it gets SIGTERM/SIGINT; then it stops the server and removes the directory. A caller
 that dies closes the pipe, so the server never outlives it. Arguments go to ``probeserve serve``.
 """
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> int:
             timeout_s=STARTUP_TIMEOUT_S,
         )
         try:
-            print(json.dumps({"target": server.target, "log": str(server.log_path)}), file=out, flush=True)
+            line = {"target": server.target, "log": str(server.log_path), "bundle": str(tiny.bundle_dir)}
+            print(json.dumps(line), file=out, flush=True)
             sys.stdin.read()  # until the caller closes the pipe (or exits)
         except KeyboardInterrupt:
             pass

@@ -7,17 +7,32 @@ import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-no
 
 import { statusCode, toProbeServeError } from "./errors.js";
 import {
+  AdminService,
+  type LoadBundleResponse,
+  type UnloadBundleResponse,
+} from "./gen/probeserve/v1/admin_service_pb.js";
+import {
   type ExtractRequest,
   ExtractRequestSchema,
   type ExtractResponse,
   type ExtractResult as ExtractResultMessage,
   type ExtractStreamRequest,
   ExtractStreamRequestSchema,
+  type BundleInfo as BundleInfoMessage,
   type GetInfoResponse,
   Precision,
   ProbeService,
 } from "./gen/probeserve/v1/probe_service_pb.js";
-import { Extraction, type ExtractResult, type Item, type ServerInfo } from "./types.js";
+import {
+  type BundleInfo,
+  type BundleList,
+  Extraction,
+  type ExtractResult,
+  type Item,
+  type LoadedBundle,
+  type ServerInfo,
+  type UnloadedBundle,
+} from "./types.js";
 
 /** TLS settings: a CA to trust (PEM), a client certificate and key for mTLS, the server's name. */
 export interface TlsOptions {
@@ -47,6 +62,13 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** Headers (gRPC metadata) for this call, after the client's. */
   headers?: Record<string, string>;
+}
+
+/** How LoadBundle serves a bundle: under `name` (default: its own), replacing one, as default. */
+export interface LoadBundleOptions extends CallOptions {
+  name?: string;
+  replace?: boolean;
+  makeDefault?: boolean;
 }
 
 export interface ExtractOptions extends CallOptions {
@@ -98,30 +120,41 @@ function fromResult(result: ExtractResultMessage | undefined): ExtractResult {
   return { requestId, ok: false, error: { code: "INTERNAL", message } };
 }
 
+function fromBundle(b: BundleInfoMessage | undefined): BundleInfo {
+  return {
+    name: b?.name ?? "",
+    version: b?.version ?? "",
+    hiddenSize: b?.hiddenSize ?? 0,
+    functions: (b?.functions ?? []).map((f) => ({
+      name: f.name,
+      description: f.description,
+      slots: f.slots.map(({ name, type, optional, description }) => ({ name, type, optional, description })),
+    })),
+    utteranceSegmentation: b?.utteranceSegmentation ?? "",
+    adapterSha256: b?.adapterSha256 ?? "",
+    headsSha256: b?.headsSha256 ?? "",
+    baseModelFingerprint: b?.baseModelFingerprint ?? "",
+    isDefault: b?.isDefault ?? false,
+  };
+}
+
+function fromLoaded(reply: LoadBundleResponse): LoadedBundle {
+  return {
+    bundle: fromBundle(reply.bundle),
+    replacedVersion: reply.replacedVersion,
+    loadSeconds: reply.loadSeconds,
+  };
+}
+
+function fromUnloaded(reply: UnloadBundleResponse): UnloadedBundle {
+  return { bundle: fromBundle(reply.bundle), drainedRequests: reply.drainedRequests };
+}
+
 function fromInfo(info: GetInfoResponse): ServerInfo {
   return {
     model: info.model,
     precision: (Precision[info.precision] ?? "UNSPECIFIED").toLowerCase(),
-    bundles: info.bundles.map((b) => ({
-      name: b.name,
-      version: b.version,
-      hiddenSize: b.hiddenSize,
-      functions: b.functions.map((f) => ({
-        name: f.name,
-        description: f.description,
-        slots: f.slots.map(({ name, type, optional, description }) => ({
-          name,
-          type,
-          optional,
-          description,
-        })),
-      })),
-      utteranceSegmentation: b.utteranceSegmentation,
-      adapterSha256: b.adapterSha256,
-      headsSha256: b.headsSha256,
-      baseModelFingerprint: b.baseModelFingerprint,
-      isDefault: b.isDefault,
-    })),
+    bundles: info.bundles.map(fromBundle),
     maxPromptTokens: info.maxPromptTokens,
     serverVersion: info.serverVersion,
     engineVersion: info.engineVersion,
@@ -182,6 +215,7 @@ function baseUrl(target: string, tls: boolean): string {
  */
 export class ProbeClient {
   private readonly client: Client<typeof ProbeService>;
+  private readonly admin: Client<typeof AdminService>;
   private readonly session: Http2SessionManager;
   private readonly timeoutMs: number;
   private readonly headers: Record<string, string>;
@@ -194,6 +228,7 @@ export class ProbeClient {
     this.session = new Http2SessionManager(url, { pingIntervalMs: 30_000 }, nodeOptions);
     const transport: Transport = createGrpcTransport({ baseUrl: url, sessionManager: this.session });
     this.client = createClient(ProbeService, transport);
+    this.admin = createClient(AdminService, transport);
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.headers = { ...options.headers };
     if (options.token) {
@@ -248,6 +283,39 @@ export class ProbeClient {
   async info(options: CallOptions = {}): Promise<ServerInfo> {
     try {
       return fromInfo(await this.client.getInfo({}, this.callOptions(options)));
+    } catch (error) {
+      throw toProbeServeError(error);
+    }
+  }
+
+  /**
+   * AdminService (a server started with `--admin`): load a bundle directory that lies on the
+   * server; the pairing check runs first (FAILED_PRECONDITION when it refuses the bundle).
+   */
+  async loadBundle(path: string, options: LoadBundleOptions = {}): Promise<LoadedBundle> {
+    const { name = "", replace = false, makeDefault = false } = options;
+    try {
+      const request = { path, name, replace, makeDefault };
+      return fromLoaded(await this.admin.loadBundle(request, this.callOptions(options)));
+    } catch (error) {
+      throw toProbeServeError(error);
+    }
+  }
+
+  /** AdminService: stop serving a bundle once the requests already admitted for it are answered. */
+  async unloadBundle(name: string, options: CallOptions = {}): Promise<UnloadedBundle> {
+    try {
+      return fromUnloaded(await this.admin.unloadBundle({ name }, this.callOptions(options)));
+    } catch (error) {
+      throw toProbeServeError(error);
+    }
+  }
+
+  /** AdminService: the loaded bundles, and the adapters the engine itself holds. */
+  async bundles(options: CallOptions = {}): Promise<BundleList> {
+    try {
+      const reply = await this.admin.listBundles({}, this.callOptions(options));
+      return { bundles: reply.bundles.map(fromBundle), engineAdapters: reply.engineAdapters };
     } catch (error) {
       throw toProbeServeError(error);
     }

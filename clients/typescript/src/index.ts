@@ -9,6 +9,7 @@
 export {
   type CallOptions,
   type ExtractOptions,
+  type LoadBundleOptions,
   ProbeClient,
   type ProbeClientOptions,
   ResultStream,
@@ -17,13 +18,16 @@ export {
 export { ProbeServeError, STATUS_CODES, type StatusCode, statusCode } from "./errors.js";
 export {
   type BundleInfo,
+  type BundleList,
   type ExtractItem,
   Extraction,
   type ExtractResult,
   type FunctionInfo,
   type Item,
   type ItemError,
+  type LoadedBundle,
   type ServerInfo,
   type Slot,
   type SlotInfo,
+  type UnloadedBundle,
 } from "./types.js";

@@ -101,6 +101,25 @@ export interface BundleInfo {
   isDefault: boolean;
 }
 
+/** What ListBundles reports: the loaded bundles and the adapters the engine holds. */
+export interface BundleList {
+  bundles: BundleInfo[];
+  engineAdapters: string[];
+}
+
+/** What LoadBundle reports: the bundle now served and the version it replaced, if any. */
+export interface LoadedBundle {
+  bundle: BundleInfo;
+  replacedVersion?: string;
+  loadSeconds: number;
+}
+
+/** What UnloadBundle reports: the bundle no longer served and the requests it let finish. */
+export interface UnloadedBundle {
+  bundle: BundleInfo;
+  drainedRequests: number;
+}
+
 /** What GetInfo reports: the model, precision ("fp32", "awq_int4", ...), bundles, versions. */
 export interface ServerInfo {
   model: string;

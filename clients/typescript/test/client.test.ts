@@ -38,7 +38,8 @@ describe("ProbeClient against a real server", () => {
 
   before(
     async () => {
-      server = await startServer(["--eager"]); // the inline engine (the default), eager: a fast start
+      // The inline engine (the default), eager: a fast start; AdminService on loopback.
+      server = await startServer(["--eager", "--admin"]);
       client = new ProbeClient(server.target, { timeoutMs: 60_000 });
     },
     { timeout: STARTUP_TIMEOUT_MS },
@@ -153,6 +154,27 @@ describe("ProbeClient against a real server", () => {
     const call = client.extract("get_weather", WEATHER, { signal: controller.signal });
     controller.abort();
     await assert.rejects(call, rejectsWith("CANCELLED"));
+  });
+
+  const external = process.env.PROBESERVE_TARGET !== undefined; // no bundle directory to load from
+  it("loads, uses and unloads a second bundle through AdminService", { skip: external }, async () => {
+    const before = await client.bundles();
+    assert.deepEqual(before.bundles.map((b) => [b.name, b.isDefault]), [["tiny", true]]);
+    assert.deepEqual(before.engineAdapters, ["tiny"]);
+    const loaded = await client.loadBundle(server.bundle, { name: "copy" });
+    assert.equal(loaded.bundle.name, "copy");
+    assert.equal(loaded.replacedVersion, undefined);
+    assert.equal(loaded.bundle.adapterSha256, before.bundles[0].adapterSha256);
+    const fromCopy = await client.extract("get_weather", WEATHER, { bundle: "copy" });
+    const fromDefault = await client.extract("get_weather", WEATHER);
+    assert.deepEqual(fromCopy.values(), fromDefault.values()); // the same adapter and heads
+    const again = client.loadBundle(server.bundle, { name: "copy" });
+    await assert.rejects(again, rejectsWith("ALREADY_EXISTS", "copy"));
+    const unloaded = await client.unloadBundle("copy");
+    assert.equal(unloaded.bundle.name, "copy");
+    const gone = client.extract("get_weather", WEATHER, { bundle: "copy" });
+    await assert.rejects(gone, rejectsWith("NOT_FOUND", "copy"));
+    assert.deepEqual((await client.bundles()).engineAdapters, ["tiny"]);
   });
 
   it("ends a stream cancelled midway without an error", async () => {

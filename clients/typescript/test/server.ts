@@ -20,6 +20,8 @@ const STOP_TIMEOUT_MS = 90_000;
 
 export interface TestServer {
   target: string;
+  /** The served bundle's directory on the server's machine (empty for PROBESERVE_TARGET). */
+  bundle: string;
   stop(): Promise<void>;
 }
 
@@ -43,7 +45,7 @@ async function stopChild(child: ChildProcess): Promise<void> {
 export async function startServer(args: string[] = []): Promise<TestServer> {
   const given = process.env.PROBESERVE_TARGET;
   if (given) {
-    return { target: given, stop: async () => {} };
+    return { target: given, bundle: "", stop: async () => {} };
   }
   const child = spawn(python(), ["-m", "tests.support.serve_tiny", ...args], {
     cwd: REPO_ROOT,
@@ -61,9 +63,9 @@ export async function startServer(args: string[] = []): Promise<TestServer> {
   const first = new Promise<string>((resolve) => lines.once("line", resolve));
   try {
     const line = await Promise.race([first, exited]);
-    const { target } = JSON.parse(line) as { target: string };
+    const { target, bundle } = JSON.parse(line) as { target: string; bundle: string };
     exited.catch(() => {}); // from now on, its exit is expected (stop())
-    return { target, stop: () => stopChild(child) };
+    return { target, bundle, stop: () => stopChild(child) };
   } catch (error) {
     child.kill("SIGTERM");
     throw error;
