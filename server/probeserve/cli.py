@@ -29,9 +29,6 @@ from probeserve.transport.servicer import ServerLimits
 # (scripts/demo_model.py). Found relative to this file, so they exist in a checkout only.
 REPO = Path(__file__).resolve().parent.parent.parent
 DEMO_BUNDLE = REPO / "bundles" / "xlam-smollm2-135m-v2"
-# `probeserve serve` with no --bundle serves both demo bundles: v2 (the default) and v1, the same
-# task in the recipe's layout, as a canary pair (README "Several bundles on one model").
-DEMO_BUNDLES = (DEMO_BUNDLE, REPO / "bundles" / "xlam-smollm2-135m")
 DEMO_MODELS = Path(os.environ.get("PROBESERVE_CACHE", REPO / ".cache")) / "models"
 DEMO_MODEL = DEMO_MODELS / "smollm2-135m-instruct"
 DEMO_AWQ_MODEL = DEMO_MODELS / "smollm2-135m-instruct-awq"  # `make demo-awq` (scripts/quantize_awq.py)
@@ -52,7 +49,7 @@ def _positive_int(text: str) -> int:
 
 def _default_bundles() -> list[str]:
     listed = os.environ.get("PROBESERVE_BUNDLE", "")
-    return [item for item in listed.split(",") if item] or [str(b) for b in DEMO_BUNDLES]
+    return [item for item in listed.split(",") if item] or [str(DEMO_BUNDLE)]
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +58,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--bundle", dest="bundles", action="append", metavar="[NAME=]DIR",
         help="a probe bundle directory, served under NAME or the name in its bundle.json; repeat it "
         "to serve several bundles on one model, each with its adapter per request (default: "
-        "$PROBESERVE_BUNDLE, comma-separated, or the two demo bundles, "
-        f"{', '.join(b.name for b in DEMO_BUNDLES)})",
+        f"$PROBESERVE_BUNDLE, comma-separated, or the demo's, {DEMO_BUNDLE})",
     )  # fmt: skip
     parser.add_argument(
         "--model", type=Path, default=None,
