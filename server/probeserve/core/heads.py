@@ -155,7 +155,6 @@ def decide_groups(groups: Sequence[tuple[ProbeHeads, Sequence[HeadItem]]]) -> li
     batch's padding (summation order), as the engine's own states do with its batch. All heads
     must live on one device and have one width.
     """
-    groups = [(heads, items) for heads, items in groups]
     live = [(heads, items) for heads, items in groups if items]
     if not live:
         return [[] for _ in groups]
@@ -194,9 +193,9 @@ def decide_groups(groups: Sequence[tuple[ProbeHeads, Sequence[HeadItem]]]) -> li
     # Each set of heads projects its own prompts' queries: [B_k, S, 2] and [B_k, S, 2d].
     null_parts, pointer_parts, at = [], [], 0
     for heads, items in live:
-        mine = q[at : at + len(items)]
-        null_parts.append(torch.nn.functional.linear(mine, heads.null_weight, heads.null_bias))
-        pointer_parts.append(torch.nn.functional.linear(mine, heads._pointer))
+        group_queries = q[at : at + len(items)]
+        null_parts.append(torch.nn.functional.linear(group_queries, heads.null_weight, heads.null_bias))
+        pointer_parts.append(torch.nn.functional.linear(group_queries, heads._pointer))
         at += len(items)
     null_logits = null_parts[0] if len(live) == 1 else torch.cat(null_parts)  # [B, S, 2]
     # [B, S, 2d] -> [B, 2S, d]: each slot's start projection, then its end projection.

@@ -94,7 +94,7 @@ class BundleLoader:
         self.tokenizer = tokenizer
         self.pairing = pairing
         # The engine's weights hold one bundle's adapter (merged or premerged): that bundle alone, no adapter.
-        self._merged_free = adapter_in_weights
+        self._weights_adapter_unclaimed = adapter_in_weights
         self._adapter_names: dict[int, str] = {}  # every adapter the engine was given, until removed
         # One load or unload at a time: each pairs through the shared engine and edits the registry.
         self._lock = asyncio.Lock()
@@ -126,8 +126,8 @@ class BundleLoader:
     ) -> tuple[LoadedBundle, LoadedBundle | None]:
         started = time.perf_counter()
         adapter: Adapter | None = None
-        if self._merged_free:
-            self._merged_free = False
+        if self._weights_adapter_unclaimed:
+            self._weights_adapter_unclaimed = False
         else:
             adapter = await self.engine.add_adapter(name, bundle.adapter_path, bundle.lora_rank)
             self._adapter_names[adapter.lora_id] = name
