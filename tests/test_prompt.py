@@ -86,3 +86,29 @@ def test_word_punct_prompt_tokenizes_the_utterance_piece_by_piece(
     ends = {b for _, b in word_punct.utterance_offsets}
     begin = utterance.index("Hello")
     assert begin in starts and begin + len("Hello, World!") in ends
+
+
+def test_word_punct_pieces_are_tokenized_once_and_prompts_stay_the_same(
+    tiny: TinyArtifacts, tiny_bundle: Bundle
+) -> None:
+    """Repeated pieces come from the builder's cache: the tokenizer sees each distinct piece once,
+    and a prompt built from cached pieces equals the one built before (offsets shifted anew)."""
+    tok = HfPieceTokenizer.from_pretrained(tiny.model_dir)
+    seen: list[str] = []
+
+    class Counting:
+        def encode(self, text: str) -> list[int]:
+            return tok.encode(text)
+
+        def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+            seen.append(text)
+            return tok.encode_with_offsets(text)
+
+    builder = PromptBuilder(Counting(), tiny_bundle.functions, "word_punct")
+    first = builder.build("get_weather", "rain in Oslo, then rain in Bergen?")
+    second = builder.build("get_weather", "rain in Oslo, then rain in Bergen?")
+    other = builder.build("get_weather", "in Bergen, rain")
+    assert second == first
+    assert sorted(seen) == sorted({" rain", "rain", " in", " Oslo", ",", " then", " Bergen", "?", "in"})
+    fresh = PromptBuilder(tok, tiny_bundle.functions, "word_punct")
+    assert other == fresh.build("get_weather", "in Bergen, rain")
