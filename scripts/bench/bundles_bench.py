@@ -5,16 +5,20 @@
     python scripts/bench/gpu/make_bundle.py ROOT --small --bundles 8  # a CPU dry run:
     python scripts/bench/bundles_bench.py --root ROOT --out OUT --precision fp32 --eager -n 40
 
-Two real servers (``probeserve serve --load-format dummy --skip-pairing-check --lora-mode
-adapter``), one after the other, measured through the real client over loopback gRPC:
+Three real servers (``probeserve serve --load-format dummy --skip-pairing-check --lora-mode
+adapter``), all up at once on the one GPU and measured in turn through the real client over
+loopback gRPC, so that the drift of a GPU host between runs hits them alike:
 
 - ``one``: one bundle, its adapter per request (``max_loras`` 1): the baseline;
+- ``one-max8``: the same bundle alone on an engine sized for eight adapters (``--max-loras 8``):
+  what the engine setting costs, apart from mixing adapters in a step;
 - ``eight``: eight bundles with adapters and heads of their own (``max_loras`` 8), and the load
-  spread evenly (request k asks bundle k mod N) over 1, 2 and 8 of them, in interleaved rounds.
+  spread evenly (request k asks bundle k mod N) over 1, 2 and 8 of them.
 
-Each level is a closed loop of C clients (threads, one channel each) at concurrency 1 and 8.
-Writes OUT/bundles_bench.json and OUT/bundles_bench.md. Issue 15's target: eight bundles, load
-spread over all eight, within 10% of the one-bundle server's p50.
+Each round measures every server and spread at every concurrency, one after another; each level
+is a closed loop of C clients (threads, one channel each) at concurrency 1 and 8. Writes
+OUT/bundles_bench.json and OUT/bundles_bench.md. Issue 15's target: eight bundles, load spread
+over all eight, within 10% of the one-bundle server's p50.
 """
 
 from __future__ import annotations
@@ -69,12 +73,14 @@ def closed_loop(target: str, bundles: list[str], concurrency: int, n: int, warmu
     return [x for per_client in latencies for x in per_client]
 
 
-def _server(args: argparse.Namespace, bundles: list[Path], log: Path) -> RunningServer:
+def _server(args: argparse.Namespace, bundles: list[Path], log: Path, max_loras: int | None) -> RunningServer:
     extra: list[str] = []
     for bundle in bundles[1:]:
         extra += ["--bundle", str(bundle)]
     extra += ["--load-format", "dummy", "--skip-pairing-check", "--lora-mode", "adapter"]
     extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", "16"]
+    if max_loras is not None:
+        extra += ["--max-loras", str(max_loras)]
     if args.eager:
         extra.append("--eager")
     return start_server(
@@ -90,46 +96,62 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"{missing[0]} is missing: run scripts/bench/gpu/make_bundle.py ROOT --bundles {BUNDLES}"
         )
+    # name -> (bundles served, --max-loras or None for the server's own sizing, spreads measured)
+    plans: dict[str, tuple[list[Path], int | None, list[int]]] = {
+        "one": (bundles[:1], None, [1]),
+        "one-max8": (bundles[:1], BUNDLES, [1]),
+        "eight": (bundles, None, list(SPREADS)),
+    }
+    plans = {name: plan for name, plan in plans.items() if name in args.servers}
+    servers: dict[str, RunningServer] = {}
     rows: list[dict[str, Any]] = []
-    servers = {"one": bundles[:1], "eight": bundles}
-    for name, served in servers.items():
-        server = _server(args, served, args.out / f"server-{name}.log")
-        try:
-            startup_s = server.startup_s
-            spreads = [1] if name == "one" else list(SPREADS)
-            samples: dict[tuple[int, int], list[float]] = {}
+    try:
+        for name, (served, max_loras, _) in plans.items():  # one start at a time: each profiles the GPU
+            servers[name] = _server(args, served, args.out / f"server-{name}.log", max_loras)
+            print(f"{name}: SERVING after {servers[name].startup_s:.1f} s", flush=True)
+        samples: dict[tuple[str, int, int], list[float]] = {}
+        for _ in range(args.rounds):  # rounds interleave servers and spreads: drift hits them alike
             for concurrency in args.concurrency:
-                for _ in range(args.rounds):  # rounds interleave the spreads: drift hits them alike
+                for name, (_, _, spreads) in plans.items():
                     for spread in spreads:
                         names = [f"b{i}" for i in range(spread)]
-                        got = closed_loop(server.target, names, concurrency, args.n, args.warmup)
-                        samples.setdefault((spread, concurrency), []).extend(got)
-            for (spread, concurrency), values in samples.items():
-                rows.append({
-                    "server": name, "bundles_loaded": len(served), "spread_over": spread,
-                    "concurrency": concurrency, "requests": len(values),
-                    "p50_ms": round(percentile(values, 0.5), 2), "p90_ms": round(percentile(values, 0.9), 2),
-                    "p99_ms": round(percentile(values, 0.99), 2), "startup_s": round(startup_s, 1),
-                })  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
+                        got = closed_loop(servers[name].target, names, concurrency, args.n, args.warmup)
+                        samples.setdefault((name, spread, concurrency), []).extend(got)
+        for (name, spread, concurrency), values in samples.items():
+            served, max_loras, _ = plans[name]
+            rows.append({
+                "server": name, "bundles_loaded": len(served), "max_loras": max_loras or len(served),
+                "spread_over": spread, "concurrency": concurrency, "requests": len(values),
+                "p50_ms": round(percentile(values, 0.5), 2), "p90_ms": round(percentile(values, 0.9), 2),
+                "p99_ms": round(percentile(values, 0.99), 2), "startup_s": round(servers[name].startup_s, 1),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
     return {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
 
 
 def report(result: dict[str, Any]) -> str:
     rows = result["rows"]
-    base = {r["concurrency"]: r["p50_ms"] for r in rows if r["server"] == "one"}
+    base = {(r["server"], r["concurrency"]): r["p50_ms"] for r in rows if r["spread_over"] == 1}
+
+    def ratio(r: dict[str, Any], server: str) -> str:
+        b = base.get((server, r["concurrency"]))
+        return f"{r['p50_ms'] / b:.3f}" if b else "—"
+
     lines = [
-        "| server | bundles loaded | load spread over | concurrency | p50 ms | p90 ms | p99 ms "
-        "| p50 / one bundle |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | bundles loaded | max_loras | load spread over | concurrency | p50 ms | p90 ms | p99 ms "
+        "| p50 / one | p50 / one-max8 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in sorted(rows, key=lambda r: (r["concurrency"], r["bundles_loaded"], r["spread_over"])):
-        ratio = r["p50_ms"] / base[r["concurrency"]] if r["concurrency"] in base else float("nan")
+    for r in sorted(
+        rows, key=lambda r: (r["concurrency"], r["bundles_loaded"], r["max_loras"], r["spread_over"])
+    ):
         lines.append(
-            f"| {r['server']} | {r['bundles_loaded']} | {r['spread_over']} | {r['concurrency']} | "
-            f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {ratio:.3f} |"
+            f"| {r['server']} | {r['bundles_loaded']} | {r['max_loras']} | {r['spread_over']} | "
+            f"{r['concurrency']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | "
+            f"{ratio(r, 'one')} | {ratio(r, 'one-max8')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -147,6 +169,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--startup-timeout-s", type=float, default=400)
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["one", "one-max8", "eight"],
+        default=["one", "one-max8", "eight"],
+        help="which servers to start (all at once)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args)
