@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,33 @@ def test_allreduce_fusion_is_off_where_the_host_disables_multicast(monkeypatch: 
     assert engine_config.engine_kwargs(base)["compilation_config"] == off
     one_gpu = dataclasses.replace(base, tensor_parallel_size=1)
     assert "compilation_config" not in engine_config.engine_kwargs(one_gpu)
+
+
+def test_symmetric_memory_all_reduce_is_off_where_the_host_disables_multicast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM's symmetric-memory all-reduce would rendezvous through PyTorch's multicast at start-up:
+    on a multicast-free GPU host at TP > 1 the environment the workers inherit turns it off, and an
+    operator's own setting stays."""
+    import torch
+
+    from probeserve.engines import config as engine_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base = engine_config.EngineConfig(
+        model=Path("m"), adapter=None, lora_rank=8, lora_mode="adapter", enforce_eager=True,
+        tensor_parallel_size=2,
+    )  # fmt: skip
+    for variable in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("VLLM_ALLREDUCE_USE_SYMM_MEM", raising=False)
+    engine_config.prepare_environment(base)
+    assert "VLLM_ALLREDUCE_USE_SYMM_MEM" not in os.environ
+    monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    engine_config.prepare_environment(dataclasses.replace(base, tensor_parallel_size=1))
+    assert "VLLM_ALLREDUCE_USE_SYMM_MEM" not in os.environ
+    engine_config.prepare_environment(base)
+    assert os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] == "0"
+    monkeypatch.setenv("VLLM_ALLREDUCE_USE_SYMM_MEM", "1")
+    engine_config.prepare_environment(base)
+    assert os.environ["VLLM_ALLREDUCE_USE_SYMM_MEM"] == "1"

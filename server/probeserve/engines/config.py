@@ -101,6 +101,11 @@ def prepare_environment(config: EngineConfig) -> None:
     if config.tensor_parallel_size > 1 and not torch.cuda.is_available():
         bind = cpu_thread_binding(sorted(os.sched_getaffinity(0)), config.tensor_parallel_size)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+    if config.tensor_parallel_size > 1 and torch.cuda.is_available() and multicast_disabled():
+        # vLLM's symmetric-memory all-reduce (on by default) rendezvouses through PyTorch's
+        # multicast at start-up and only then finds it off; where the host forbids multicast it
+        # is not started at all. The TP workers read this variable, and inherit it.
+        os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
 
 
 def cpu_thread_binding(cpus: list[int], ranks: int) -> str:
@@ -225,8 +230,11 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
     if sizes and not config.enforce_eager and torch.cuda.is_available():
         kwargs["cudagraph_capture_sizes"] = sizes
     if config.tensor_parallel_size > 1 and torch.cuda.is_available() and multicast_disabled():
-        # vLLM fuses each TP all-reduce with the next RMSNorm through FlashInfer, whose workspace
-        # may use NVLink multicast; where the host turns multicast off, keep the plain all-reduce.
+        # vLLM fuses each TP all-reduce with the next RMSNorm through FlashInfer (on by default at
+        # TP > 1 on Hopper and Blackwell), whose workspace comes from PyTorch's symmetric memory,
+        # with multicast; where the host turns multicast off that workspace has none, FlashInfer
+        # does not check, and its kernels fault (vLLM 0.26 on two H200s: "illegal memory access").
+        # So keep the plain all-reduce (NCCL and vLLM's custom one, point to point).
         kwargs["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
         log.info("allreduce_fusion_off", why="NVLink multicast is disabled on this host")
     return kwargs
