@@ -499,20 +499,21 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
     result: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1)}
     extractor = state.extractor
     assert extractor is not None
-    engine: Any = extractor.engine
+    bound: Any = extractor.engine  # the bundle's view of the engine: its adapter on every request
+    engine: Any = bound.engine  # the engine itself, for its batch wait and its counters
     utterances = bench_utterances(extractor.bundle.functions)
     requests = [ExtractionRequest(f, u) for f, u in utterances]
     prompts = [extractor.prepare(r) for r in requests]
     result["prompt_tokens"] = [len(p.token_ids) for p in prompts]
 
     async def engine_only(i: int) -> object:
-        return await engine.hidden_states(f"e{i}", prompts[i % len(prompts)].token_ids)
+        return await bound.hidden_states(f"e{i}", prompts[i % len(prompts)].token_ids)
 
     async def pipeline(i: int) -> object:
         r = requests[i % len(requests)]
         return await extractor.extract(ExtractionRequest(r.function, r.utterance, f"p{i}"))
 
-    hidden = [await engine.hidden_states(f"h{i}", p.token_ids) for i, p in enumerate(prompts)]
+    hidden = [await bound.hidden_states(f"h{i}", p.token_ids) for i, p in enumerate(prompts)]
     result["hidden"] = {
         "shape": list(hidden[0].shape), "dtype": str(hidden[0].dtype), "device": str(hidden[0].device),
         "pinned": bool(hidden[0].is_pinned()) if torch.cuda.is_available() else False,
