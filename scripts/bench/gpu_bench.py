@@ -165,6 +165,9 @@ class Settings:
     profile_n: int = 0
     profile_rate: int = 250
     profile_native: bool = False
+    # Also time C client processes at concurrency 1 each ("grpc_procs"): callers that share no
+    # Python process, as separate services would, so the client's own GIL is out of the figure.
+    client_procs: bool = False
     # vLLM compilation pass_config for both the server's engine and vllm serve (see override_pass_config)
     pass_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     py_spy: str = ""
@@ -522,6 +525,15 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
     samples: dict[str, list[float]] = {}
     stamps: dict[str, Any] = {}  # request id -> (sent, received), wall clock, in the client
     clients = await ClientProcess.start(f"127.0.0.1:{port}", utterances)
+    others = max(settings.concurrency) - 1 if settings.client_procs else 0
+    callers = [clients, *[await ClientProcess.start(f"127.0.0.1:{port}", utterances) for _ in range(others)]]
+
+    async def in_processes(tag: str, n: int, c: int) -> list[float]:
+        """``n`` calls from ``c`` client processes, each a closed loop at concurrency 1."""
+        runs = (p.run("sync", f"{tag}-p{j}", max(1, n // c), 1) for j, p in enumerate(callers[:c]))
+        got = await asyncio.gather(*runs)
+        return [x for latencies, _ in got for x in latencies]
+
     cpu_idle = CpuIdle()
     per_round = max(1, settings.n // settings.rounds)
     for r in range(settings.rounds):
@@ -537,6 +549,8 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
                     await closed_loop(pipeline, settings.warmup, c)
                     for kind in clients_for(c):
                         await clients.run(kind, f"warm-{kind}", settings.warmup, c)
+                    if c > 1 and settings.client_procs:
+                        await in_processes("warm-procs", settings.warmup * c, c)
                 samples.setdefault(f"{key}/engine", []).extend(await closed_loop(engine_only, per_round, c))
                 samples.setdefault(f"{key}/floor", []).extend(await closed_loop(pipeline, per_round, c))
                 if c == 1 and settings.gap_ms:  # the idle spells a gRPC closed loop has
@@ -550,9 +564,13 @@ async def server_child(settings: Settings, name: str) -> dict[str, Any]:
                     latencies, sent = await clients.run(kind, tag, per_round, c)
                     samples.setdefault(f"{key}/grpc_{kind}", []).extend(latencies)
                     stamps.update(sent)
+                if c > 1 and settings.client_procs:
+                    tag = f"{variant.tag}-c{c}-procs-r{r}"
+                    samples.setdefault(f"{key}/grpc_procs", []).extend(await in_processes(tag, per_round, c))
     if settings.profile_n:
         result["profile"] = await profile_c8(settings, name, clients)
-    await clients.close()
+    for caller in callers:
+        await caller.close()
     sys.setswitchinterval(0.005)
     cpu_idle.release()
     result["measured"] = {key: summary(values) for key, values in samples.items()}
@@ -949,6 +967,7 @@ def settings_args(settings: Settings) -> list[str]:
         "--serve-formats", ",".join(settings.serve_formats), "--float-n", str(settings.float_n),
         "--profile-n", str(settings.profile_n), "--profile-rate", str(settings.profile_rate),
         *(["--profile-native"] if settings.profile_native else []),
+        *(["--client-procs"] if settings.client_procs else []),
         *(["--pass-config", json.dumps(settings.pass_config)] if settings.pass_config else []),
         *(["--py-spy", settings.py_spy] if settings.py_spy else []),
     ]  # fmt: skip
@@ -1010,6 +1029,10 @@ def main() -> int:
         "--profile-native", action="store_true", help="then half as many calls under py-spy --native (pauses)"
     )
     parser.add_argument(
+        "--client-procs", action="store_true",
+        help="also time C client processes at concurrency 1 each (grpc_procs) at every C > 1",
+    )  # fmt: skip
+    parser.add_argument(
         "--pass-config", type=json.loads, default={},
         help="""vLLM compilation pass_config (JSON) for both engines, e.g. '{"fuse_allreduce_rms": false}'""",
     )  # fmt: skip
@@ -1045,6 +1068,7 @@ def main() -> int:
         profile_n=args.profile_n,
         profile_rate=args.profile_rate,
         profile_native=args.profile_native,
+        client_procs=args.client_procs,
         pass_config=args.pass_config,
         py_spy=args.py_spy,
     )

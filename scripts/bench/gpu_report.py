@@ -111,8 +111,9 @@ def fmt(d: dict[str, Any] | None) -> str:
 def markdown(results: list[dict[str, Any]]) -> str:
     rows = [
         "| config | LoRA | variant | C | engine alone | floor (engine+heads) | gRPC sync client "
-        "| gRPC async client | gRPC / floor | gRPC / engine | in server: engine / heads / total |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| gRPC async client | gRPC, C client processes | gRPC / floor | gRPC / engine "
+        "| in server: engine / heads / total |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
     for e in results:
@@ -129,6 +130,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 e["config"], "r16 per request" if lora else "none (= merged)", variant, c,
                 fmt(measured.get(f"{key}/engine")), fmt(measured.get(f"{key}/floor")),
                 fmt(measured.get(f"{key}/grpc_sync")), fmt(measured.get(f"{key}/grpc_async")),
+                fmt(measured.get(f"{key}/grpc_procs")),
                 f"{v['grpc_over_floor']:.2f} {mark} (≤ {v['target']:.2f})" if v["grpc_over_floor"] else "—",
                 f"{v['grpc_over_engine']:.2f}" if v["grpc_over_engine"] else "—", inside,
             ]  # fmt: skip

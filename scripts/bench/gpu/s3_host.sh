@@ -8,9 +8,9 @@
 #   call 8:    (nothing):                                     PHASES=B,C bash /tmp/code/scripts/bench/gpu/s3_host.sh run
 # Calls go back to back: the host and its /tmp go back 30 s after a call.
 # Phases (PHASES, default A):
-#   A, both GPUs apart (CUDA_VISIBLE_DEVICES, cores 0-15 / 16-31):
-#      GPU 0: fp16-base (8B, TP=1) through gpu_bench.py, then 1600 calls at c8 under py-spy;
-#      GPU 1: bundles_bench.py: the one-bundle, one-bundle --max-loras 8 and eight-bundle servers.
+#   A, both GPUs apart (CUDA_VISIBLE_DEVICES, cores 0-15 / 16-31), or either lane alone:
+#      A0, GPU 0: fp16-base (8B, TP=1) through gpu_bench.py, then 1600 calls at c8 under py-spy;
+#      A1, GPU 1: bundles_bench.py: the one-bundle, one-bundle --max-loras 8 and eight-bundle servers.
 #   B: fp16-70b-tp2 (70B FP16 over both GPUs);  C: fp16-tp2 (8B over both GPUs).
 # B and C run only under the multicast guard (mcguard/sitecustomize.py, first on PYTHONPATH in
 # every process), with vLLM's all-reduce fusions off, and only after checks on this host: torch
@@ -71,23 +71,31 @@ phase_end() {  # by group: engine workers (TP) and servers go with their bench
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
 }
 
-if [[ ,$PHASES, == *,A,* ]]; then
+lane() {  # NAME: whether PHASES asks for it (A means both A0 and A1)
+  [[ ,$PHASES, == *,$1,* ]] || { [[ $1 == A? ]] && [[ ,$PHASES, == *,A,* ]]; }
+}
+if lane A0 || lane A1; then
   echo "=== A after $(( $(date +%s) - t0 )) s, $(left) s left"
   mkdir -p /tmp/pyspy && python3 -m zipfile -e /tmp/t16boot/py_spy-*.whl /tmp/pyspy
   PYSPY=$(ls /tmp/pyspy/py_spy-*.data/scripts/py-spy); chmod +x "$PYSPY"
-  CUDA_VISIBLE_DEVICES=0 setsid taskset -c 0-15 python3 $B/gpu_bench.py --out $R/a0_fp16 --root /tmp/gb \
-    --configs fp16-base -n 120 --rounds 3 --profile-n 1600 --py-spy "$PYSPY" --timeout-s 300 \
-    > /tmp/lane_a0.log 2>&1 &
-  a0=$!
-  CUDA_VISIBLE_DEVICES=1 setsid taskset -c 16-31 python3 $B/bundles_bench.py --root /tmp/gb --out $R/a1_bundles \
-    --precision fp16 -n 160 --rounds 3 --gpu-memory-utilization 0.28 --startup-timeout-s 240 \
-    > /tmp/lane_a1.log 2>&1 &
-  a1=$!
-  wait $a0; echo "A0 (fp16-base) exited $? after $(( $(date +%s) - t0 )) s"
-  wait $a1; echo "A1 (bundles) exited $? after $(( $(date +%s) - t0 )) s"
-  cp /tmp/lane_a1.log $R/ 2>/dev/null
-  phase_end $a0; phase_end $a1
-  tail -n 25 /tmp/lane_a0.log /tmp/lane_a1.log
+  pids=()
+  if lane A0; then
+    CUDA_VISIBLE_DEVICES=0 setsid taskset -c 0-15 python3 $B/gpu_bench.py --out "$R/a0_fp16${RUN:-}" --root /tmp/gb \
+      --configs fp16-base -n 120 --rounds 3 --profile-n "${PROFILE_N:-1600}" --py-spy "$PYSPY" --client-procs \
+      --timeout-s 300 \
+      > /tmp/lane_a0.log 2>&1 &
+    pids+=($!)
+  fi
+  if lane A1; then
+    CUDA_VISIBLE_DEVICES=1 setsid taskset -c 16-31 python3 $B/bundles_bench.py --root /tmp/gb --out "$R/a1_bundles${RUN:-}" \
+      --precision fp16 -n 160 --rounds 3 --gpu-memory-utilization 0.28 --startup-timeout-s 240 \
+      > /tmp/lane_a1.log 2>&1 &
+    pids+=($!)
+  fi
+  for pid in "${pids[@]}"; do wait "$pid"; echo "lane $pid exited $? after $(( $(date +%s) - t0 )) s"; done
+  cp /tmp/lane_a*.log $R/ 2>/dev/null
+  for pid in "${pids[@]}"; do phase_end "$pid"; done
+  tail -n 25 /tmp/lane_a*.log
 fi
 
 guard_ready() {  # the TP=2 phases' preconditions, each checked here, on this host; nothing is called
