@@ -75,3 +75,22 @@ def test_an_open_admin_service_is_refused() -> None:
     for allowed in (admin, dataclasses.replace(admin, host="::1"),
                     dataclasses.replace(admin, host="0.0.0.0", auth_tokens=("t",))):  # fmt: skip
         check_config(allowed)
+
+
+def test_specialize_active_lora_reaches_vllm_only_with_adapters(
+    tiny: TinyArtifacts, tiny_bundle: Bundle
+) -> None:
+    """--specialize-active-lora goes from the command line to vLLM's engine arguments; a merged
+    adapter has no LoRA in the engine, so nothing to specialize."""
+    from probeserve.engines.config import engine_kwargs
+
+    base = ["serve", "--model", str(tiny.model_dir), "--precision", "fp32", "--bundle", str(tiny.bundle_dir)]
+    assert _settings(base)["specialize_active_lora"] is False
+    assert _settings([*base, "--specialize-active-lora"])["specialize_active_lora"] is True
+    served = ServeConfig(bundles=(), model=tiny.model_dir, lora_mode="adapter", specialize_active_lora=True)
+    assert engine_kwargs(served.engine_config([tiny_bundle]))["specialize_active_lora"] is True
+    default = dataclasses.replace(served, specialize_active_lora=False)
+    assert engine_kwargs(default.engine_config([tiny_bundle]))["specialize_active_lora"] is False
+    merged = dataclasses.replace(served, lora_mode="merged").engine_config([tiny_bundle])
+    # dummy weights: the merge itself is skipped, the arguments are what is read
+    assert "specialize_active_lora" not in engine_kwargs(dataclasses.replace(merged, load_format="dummy"))

@@ -81,6 +81,8 @@ def _server(args: argparse.Namespace, bundles: list[Path], log: Path, max_loras:
     extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", "16"]
     if max_loras is not None:
         extra += ["--max-loras", str(max_loras)]
+    if args.specialize_active_lora and (max_loras or len(bundles)) > 1:
+        extra.append("--specialize-active-lora")
     if args.eager:
         extra.append("--eager")
     return start_server(
@@ -175,6 +177,11 @@ def main() -> None:
         choices=["one", "one-max8", "eight"],
         default=["one", "one-max8", "eight"],
         help="which servers to start (all at once)",
+    )
+    parser.add_argument(
+        "--specialize-active-lora",
+        action="store_true",
+        help="pass --specialize-active-lora to the servers that mix adapters (max_loras > 1)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "4 with --admin)",
     )  # fmt: skip
     parser.add_argument(
+        "--specialize-active-lora", action="store_true",
+        help="vLLM captures CUDA graphs for 1, 2, 4, ... active adapters instead of one graph sized "
+        "for --max-loras, so a step runs LoRA kernels over the adapters it mixes, not over every "
+        "slot (more graphs: a longer start-up)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-lora-rank", type=_positive_int,
         help="the largest LoRA rank the engine takes (default: the bundles' largest; at least 16 "
         "with --admin)",
@@ -242,6 +248,7 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bundles": tuple(bundles),
         "max_loras": args.max_loras,
+        "specialize_active_lora": args.specialize_active_lora,
         "max_lora_rank": args.max_lora_rank,
         "model": model,
         "precision": precision,

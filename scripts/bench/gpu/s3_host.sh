@@ -88,7 +88,7 @@ if lane A0 || lane A1; then
   fi
   if lane A1; then
     CUDA_VISIBLE_DEVICES=1 setsid taskset -c 16-31 python3 $B/bundles_bench.py --root /tmp/gb --out "$R/a1_bundles${RUN:-}" \
-      --precision fp16 -n 160 --rounds 3 --gpu-memory-utilization 0.28 --startup-timeout-s 240 \
+      --precision fp16 -n 160 --rounds 3 --gpu-memory-utilization 0.28 --startup-timeout-s 240 ${BB_ARGS:-} \
       > /tmp/lane_a1.log 2>&1 &
     pids+=($!)
   fi

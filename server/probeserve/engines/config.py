@@ -76,6 +76,9 @@ class EngineConfig:
     # Distinct adapters one engine step may mix (vLLM's max_loras). More may be registered: vLLM
     # keeps at most max(max_loras, MIN_CPU_LORAS) of them in memory and reloads others on use.
     max_loras: int = 1
+    # CUDA graphs per count of active adapters (1, 2, 4, ... up to max_loras: vLLM's
+    # specialize_active_lora) rather than one graph whose LoRA kernels cover every slot.
+    specialize_active_lora: bool = False
     # In-process engine driven by one thread (probeserve.engines.inline) instead of vLLM's
     # engine-core process: no hidden states cross a process boundary.
     inline: bool = DEFAULT_ENGINE == "inline"
@@ -225,6 +228,7 @@ def engine_kwargs(config: EngineConfig) -> dict[str, Any]:
             max_loras=config.max_loras,
             max_cpu_loras=max(config.max_loras, MIN_CPU_LORAS),
             max_lora_rank=_lora_rank_slot(config.lora_rank),
+            specialize_active_lora=config.specialize_active_lora,
         )
     sizes = [size for size in CUDA_GRAPH_SIZES if size <= kwargs["max_num_batched_tokens"]]
     if sizes and not config.enforce_eager and torch.cuda.is_available():

@@ -112,6 +112,7 @@ class ServeConfig:
     # Adapters one engine step may mix, and the largest LoRA rank (None: from the bundles).
     max_loras: int | None = None
     max_lora_rank: int | None = None
+    specialize_active_lora: bool = False
 
     def engine_config(self, bundles: list[Bundle]) -> EngineConfig:
         if self.lora_mode in WEIGHTS_HOLD_ADAPTER and (len(bundles) != 1 or self.admin):
@@ -126,6 +127,7 @@ class ServeConfig:
             adapter=bundles[0].adapter_path if self.lora_mode == "merged" else None,
             lora_rank=self.max_lora_rank or max(admin_rank, *(b.lora_rank for b in bundles)),
             max_loras=self.max_loras or max(admin_loras, len(bundles)),
+            specialize_active_lora=self.specialize_active_lora,
             precision=self.precision,
             lora_mode=self.lora_mode,
             inline=self.inline,
