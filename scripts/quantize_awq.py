@@ -39,6 +39,14 @@ calibrates and quantizes that model: the checkpoint computes base + adapter, to 
 per-request adapter. Its record also holds the adapter's file digests (``adapter``), which the
 pairing check compares with the bundle's ``lora_adapter``.
 
+``--keep-full-precision REGEX`` (repeatable; llm-compressor's ``re:`` form, e.g.
+``re:.*layers[.]29[.].*``) leaves the Linear layers it names unquantized, in ``--dtype``, next to
+``lm_head``: mixed precision for the layers whose error matters most (the probe heads read the
+last layer's output, so the last layers' error reaches them undamped). AWQ still smooths the rest:
+a mapping none of whose layers is quantized is skipped; one with some kept layers searches its
+scales on the quantized ones only, and the kept ones take the inverse scale exactly. vLLM fuses
+q/k/v and gate/up, so keep those all or none. The record lists the patterns (``keep_full_precision``).
+
 The output records its provenance in ``probeserve_quantization.json``: the source's path, model id,
 manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set (its
 sha256, its prompts' utterance_segmentation, the matmul dtype) and the tool versions. A run whose
@@ -332,13 +340,15 @@ def quantize(
     adapter: Path | None = None,
     symmetric: bool = False,
     duo_scaling: bool | str = True,
+    keep_full_precision: Sequence[str] = (),
 ) -> None:
     """Calibrate with float32 weights and ``matmul_dtype`` products, save in ``dtype``.
 
     The weights stay float32 throughout, so what AWQ leaves unquantized (embeddings, norms, the
     scales it folds into them) is computed exactly; with ``bfloat16`` only the calibration
     forward passes multiply in bfloat16 (``torch.autocast``), as on a GPU. With ``adapter`` the
-    LoRA adapter is folded into the float32 weights first (:func:`fold_adapter`).
+    LoRA adapter is folded into the float32 weights first (:func:`fold_adapter`). The Linear
+    layers ``keep_full_precision`` names stay unquantized, as ``lm_head`` does.
     """
     import torch
 
@@ -364,7 +374,7 @@ def quantize(
         AWQModifier(n_grid=n_grid, duo_scaling=duo_scaling),
         QuantizationModifier(
             config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-            ignore=["lm_head"],
+            ignore=["lm_head", *keep_full_precision],
         ),
     ]
     dataset = Dataset.from_dict({"input_ids": token_ids})
@@ -401,6 +411,7 @@ def identity(record: dict[str, Any]) -> dict[str, Any]:
     calibration = {k: v for k, v in record.get("calibration", {}).items() if k != "source"}
     adapter = {k: v for k, v in (record.get("adapter") or {}).items() if k != "path"}
     rest = {k: record.get(k) for k in ("scheme", "group_size", "dtype", "n_grid")}
+    keep = record.get("keep_full_precision", [])  # older records quantized every Linear but lm_head
     # Records from before --duo-scaling existed were made with llm-compressor's default, True.
     duo_scaling = record.get("duo_scaling", True)
     return {
@@ -408,6 +419,7 @@ def identity(record: dict[str, Any]) -> dict[str, Any]:
         "adapter": adapter,
         "calibration": calibration,
         "duo_scaling": duo_scaling,
+        "keep_full_precision": keep,
         **rest,
     }
 
@@ -457,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", type=Path,
                         help="with --merge-adapter: the LoRA adapter directory to fold (default: the "
                         "--bundle's); lets --texts calibrate a merged model")  # fmt: skip
+    parser.add_argument("--keep-full-precision", action="append", default=[], metavar="REGEX",
+                        help="leave these Linear layers unquantized (repeatable; llm-compressor's "
+                        "'re:' module-name form, e.g. 're:.*layers\\.29\\..*'): the heads read the "
+                        "last layer's output, so its error costs them most")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="quantize even if --out is up to date")
     args = parser.parse_args(argv)
     if args.n_grid < 3:  # llm-compressor's search divides by n_grid - 2
@@ -520,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": dtype,
         "n_grid": args.n_grid,
         "duo_scaling": DUO_SCALING[args.duo_scaling],
+        "keep_full_precision": args.keep_full_precision,
         "calibration": {
             **calibration,
             "samples": len(texts),
@@ -559,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter=adapter,
             symmetric=args.symmetric,
             duo_scaling=DUO_SCALING[args.duo_scaling],
+            keep_full_precision=args.keep_full_precision,
         )
         record = {
             **wanted,

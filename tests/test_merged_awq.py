@@ -109,6 +109,14 @@ def test_record_names_the_folded_adapter(tiny: TinyArtifacts, tiny_bundle: Bundl
     assert quantize_awq.identity(record) != quantize_awq.identity(base_only)
 
 
+def test_kept_layers_are_part_of_the_identity(tiny: TinyArtifacts, tiny_bundle: Bundle) -> None:
+    record = _record(tiny, tiny_bundle.adapter_path)
+    kept = {**record, "keep_full_precision": [r"re:.*layers\.1\..*"]}
+    assert quantize_awq.identity(kept) != quantize_awq.identity(record)
+    # A record from before --keep-full-precision quantized every Linear but lm_head: kept none.
+    assert quantize_awq.identity({**record, "keep_full_precision": []}) == quantize_awq.identity(record)
+
+
 def test_static_checks_accept_the_bundles_adapter_folded(
     tiny: TinyArtifacts, tiny_bundle: Bundle, tmp_path: Path
 ) -> None:
