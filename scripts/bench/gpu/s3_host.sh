@@ -4,9 +4,11 @@
 # server/, clients/python/ and scripts/ (this script among them):
 #   call 0:    carry .gpu/t16/boot .gpu/t16/p00 .gpu/s3/main:  bash .gpu/s3/main/scripts/bench/gpu/s3_host.sh recv 00
 #   calls 1-6: carry .gpu/t16/pNN:                            bash /tmp/code/scripts/bench/gpu/s3_host.sh part NN
-#   call 7:    carry .gpu/t16/p07:                            bash /tmp/code/scripts/bench/gpu/s3_host.sh run 07
-#   call 8:    (nothing):                                     PHASES=B,C bash /tmp/code/scripts/bench/gpu/s3_host.sh run
-# Calls go back to back: the host and its /tmp go back 30 s after a call.
+#   call 7:    carry .gpu/t16/p07:                            PHASES=... bash /tmp/code/scripts/bench/gpu/s3_host.sh run 07
+# Calls go back to back: the host and its /tmp go back 30 s after a call. As run on 2026-11-30,
+# four installs, each ending in one call 7 (BENCHMARKS.md "How the third session's figures were
+# made"): PHASES=A; PHASES=A0,B,C; PHASES=A RUN=_r2 PROFILE_N=0 DEADLINE_S=420; PHASES=A1
+# RUN=_spec BB_ARGS="--specialize-active-lora -n 120" DEADLINE_S=400.
 # Phases (PHASES, default A):
 #   A, both GPUs apart (CUDA_VISIBLE_DEVICES, cores 0-15 / 16-31), or either lane alone:
 #      A0, GPU 0: fp16-base (8B, TP=1) through gpu_bench.py, then 1600 calls at c8 under py-spy;
