@@ -74,9 +74,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
 NO_AR_FUSION='{"fuse_allreduce_rms": false}'
 PHASES=${PHASES:-A,B,C}
-# The TP=2 phases crashed on the lent H200 pair, very probably after vLLM 0.26's fused all-reduce
-# built an NVLink multicast workspace there, which that host must never use (README "Choosing a
-# precision at 70B"). They stay off until someone has confirmed that no multicast path is left.
+# The TP=2 phases crashed on the lent H200 pair: vLLM 0.26's fused all-reduce set up its FlashInfer
+# workspace on PyTorch's symmetric memory, which, multicast being off there, had a null multicast
+# pointer that the kernel stored through (BENCHMARKS.md "TP=2"). This script has no multicast guard:
+# TP=2 runs go through s3_host.sh, which checks the guard (mcguard/) on the host first.
 if [[ ,$PHASES, == *,B,* || ,$PHASES, == *,C,* ]] && [ "${TP2_MULTICAST_CHECKED:-}" != yes ]; then
   echo "refusing phases B/C (TP=2): set TP2_MULTICAST_CHECKED=yes only once no NVLink multicast path is left"
   PHASES=$(echo ",$PHASES," | sed 's/,B,/,/; s/,C,/,/; s/^,//; s/,$//')
