@@ -46,6 +46,8 @@ last layer's output, so the last layers' error reaches them undamped). AWQ still
 a mapping none of whose layers is quantized is skipped; one with some kept layers searches its
 scales on the quantized ones only, and the kept ones take the inverse scale exactly. vLLM fuses
 q/k/v and gate/up, so keep those all or none. The record lists the patterns (``keep_full_precision``).
+``scripts/awq_sensitivity.py`` ranks a checkpoint's layers by the error each one adds, measured on
+training prompts, and prints the pattern for the top ones.
 
 The output records its provenance in ``probeserve_quantization.json``: the source's path, model id,
 manifest fingerprint and the sha256 of its weights and config, the scheme, the calibration set (its
