@@ -204,3 +204,24 @@ def test_the_adapter_is_applied_once(
     assert check.passed == passes, check.line()
     # Callers that do not say how the engine applies the adapter get no such check.
     assert "structure.adapter_applied_once" not in _by_name(static_checks(tiny_bundle, model, "awq"))
+
+
+def test_sensitivity_measures_on_training_prompts_after_the_calibration_ones() -> None:
+    """awq_sensitivity.py picks its prompts from the training split, after the ones quantize_awq
+    calibrates on, none of them a validation example; its regex names exactly the layers given."""
+    import re
+
+    import awq_sensitivity
+    import xlam_data
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "xlam-smollm2-135m-v2"
+    data = xlam_data.default_data_dir()
+    schemas = json.loads((bundle / "function_schemas.json").read_text(encoding="utf-8"))
+    calibration = quantize_awq.xlam_prompts(data, 8, quantize_awq.bundle_layout(bundle), schemas).examples
+    measured = awq_sensitivity.training_prompts(data, bundle, samples=16, skip=8).examples
+    assert len(measured) == 16
+    assert not set(measured) & set(calibration)
+    assert not any(xlam_data.is_validation(f, u) for f, u in measured)
+    pattern = re.compile(awq_sensitivity.keep_regex([29, 0, 23, 2]).removeprefix("re:"))
+    kept = {i for i in range(30) if pattern.fullmatch(f"model.layers.{i}.mlp.down_proj")}
+    assert kept == {0, 2, 23, 29}
