@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve demo-model test test-ts lint protos check-protos check-breaking check-deploy clean awq-env demo-awq demo-awq-merged pairing-table ts-deps
+.PHONY: setup serve demo-model test test-ts lint protos check-protos check-breaking check-deploy clean awq-env demo-awq demo-awq-merged demo-awq-mixed pairing-table ts-deps
 
 setup: $(STAMP)
 
@@ -62,6 +62,17 @@ demo-awq: demo-model awq-env
 demo-awq-merged: demo-model awq-env
 	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle $(DEMO_BUNDLE) --merge-adapter \
 		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq-merged
+
+# The merged checkpoint with four decoder layers kept at 16 bits: those whose 4-bit error costs the
+# final hidden states most, picked by scripts/awq_sensitivity.py on training prompts (README "AWQ
+# options"). The AWQ checkpoint within 0.6 points of full precision; served premerged like the one
+# above.
+DEMO_AWQ_KEEP := re:.*layers\.(0|2|23|29)\..*
+
+demo-awq-mixed: demo-model awq-env
+	$(AWQ_VENV)/bin/python scripts/quantize_awq.py --bundle $(DEMO_BUNDLE) --merge-adapter \
+		--keep-full-precision '$(DEMO_AWQ_KEEP)' \
+		--model $(DEMO_DIR)/smollm2-135m-instruct --out $(DEMO_DIR)/smollm2-135m-instruct-awq-mixed
 
 # The pairing table (README "The pairing check"): a look-alike, i.e. a different fine-tune of the
 # demo model (scripts/make_lookalike.py, once), AWQ-quantized by the same tool and calibration as
