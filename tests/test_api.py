@@ -189,3 +189,4 @@ def test_server_started_without_tuning_flags_runs_the_defaults(server: RunningSe
     fastest, the inline engine compiled, with the adapter merged at full precision."""
     started = next(e for e in server.log_lines() if e.get("event") == "engine_started")
     assert (started["engine"], started["compiled"], started["lora_mode"]) == ("inline", True, "merged")
+    assert (started["max_loras"], started["specialize_active_lora"]) == (0, False)  # no LoRA in the engine

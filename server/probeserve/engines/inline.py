@@ -154,6 +154,8 @@ class InlineEngine:
             lora_mode=config.lora_mode, max_model_len=engine._max_model_len, engine="inline",
             tensor_parallel_size=engine._tensor_parallel_size,  # as vLLM reports it
             compiled=not config.enforce_eager,
+            max_loras=engine._kwargs.get("max_loras", 0),  # 0: no LoRA in the engine (merged, premerged)
+            specialize_active_lora=engine._kwargs.get("specialize_active_lora", False),
         )  # fmt: skip
         return engine
 

@@ -52,6 +52,8 @@ class VllmEngine:
             lora_mode=config.lora_mode, max_model_len=max_len, engine="process",
             tensor_parallel_size=int(engine.vllm_config.parallel_config.tensor_parallel_size),
             compiled=not config.enforce_eager,
+            max_loras=kwargs.get("max_loras", 0),  # 0: no LoRA in the engine (merged, premerged)
+            specialize_active_lora=kwargs.get("specialize_active_lora", False),
         )  # fmt: skip
         return cls(engine, config, max_len)
 
