@@ -326,7 +326,8 @@ def test_admin_service_is_absent_without_the_flag(server: RunningServer) -> None
 
 
 def test_the_engine_log_says_how_many_adapters_a_step_may_mix(word_punct_server: RunningServer) -> None:
-    """Two bundles with --admin: adapters per request, slots for at least four (ADMIN_MIN_LORAS)."""
+    """Two bundles with --admin: adapters per request, slots for at least four (ADMIN_MIN_LORAS);
+    no graphs to specialize on a CPU (engines.config.specialize_by_default)."""
     started = next(e for e in word_punct_server.log_lines() if e.get("event") == "engine_started")
     logged = (started["lora_mode"], started["max_loras"], started["specialize_active_lora"])
     assert logged == ("adapter", 4, False)

@@ -85,12 +85,33 @@ def test_specialize_active_lora_reaches_vllm_only_with_adapters(
     from probeserve.engines.config import engine_kwargs
 
     base = ["serve", "--model", str(tiny.model_dir), "--precision", "fp32", "--bundle", str(tiny.bundle_dir)]
-    assert _settings(base)["specialize_active_lora"] is False
+    assert _settings(base)["specialize_active_lora"] is None  # the server decides
     assert _settings([*base, "--specialize-active-lora"])["specialize_active_lora"] is True
+    assert _settings([*base, "--no-specialize-active-lora"])["specialize_active_lora"] is False
     served = ServeConfig(bundles=(), model=tiny.model_dir, lora_mode="adapter", specialize_active_lora=True)
     assert engine_kwargs(served.engine_config([tiny_bundle]))["specialize_active_lora"] is True
-    default = dataclasses.replace(served, specialize_active_lora=False)
-    assert engine_kwargs(default.engine_config([tiny_bundle]))["specialize_active_lora"] is False
+    off = dataclasses.replace(served, specialize_active_lora=False, max_loras=8)
+    assert engine_kwargs(off.engine_config([tiny_bundle]))["specialize_active_lora"] is False
     merged = dataclasses.replace(served, lora_mode="merged").engine_config([tiny_bundle])
     # dummy weights: the merge itself is skipped, the arguments are what is read
     assert "specialize_active_lora" not in engine_kwargs(dataclasses.replace(merged, load_format="dummy"))
+
+
+@pytest.mark.parametrize(
+    ("max_loras", "eager", "cuda", "expected"),
+    [(8, False, True, True), (1, False, True, False), (8, True, True, False), (8, False, False, False)],
+)
+def test_specialize_active_lora_by_default_only_for_graphs_mixing_adapters(
+    monkeypatch: pytest.MonkeyPatch, tiny: TinyArtifacts, tiny_bundle: Bundle,
+    max_loras: int, eager: bool, cuda: bool, expected: bool,
+) -> None:  # fmt: skip
+    """Unless told, a server asks vLLM to specialize its graphs for the active adapters exactly
+    when there are graphs (compiled, on a GPU) and more than one adapter slot to mix (measured on
+    the H200: BENCHMARKS.md, "several bundles")."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    served = ServeConfig(
+        bundles=(), model=tiny.model_dir, lora_mode="adapter", max_loras=max_loras, enforce_eager=eager
+    )
+    assert served.engine_config([tiny_bundle]).specialize_active_lora is expected

@@ -83,10 +83,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "4 with --admin)",
     )  # fmt: skip
     parser.add_argument(
-        "--specialize-active-lora", action="store_true",
+        "--specialize-active-lora", action=argparse.BooleanOptionalAction,
         help="vLLM captures CUDA graphs for 1, 2, 4, ... active adapters instead of one graph sized "
         "for --max-loras, so a step runs LoRA kernels over the adapters it mixes, not over every "
-        "slot (more graphs: a longer start-up)",
+        "slot (three times the graphs: a longer start-up). Default: on for a compiled engine on a "
+        "GPU with slots for more than one adapter, else off",
     )  # fmt: skip
     parser.add_argument(
         "--max-lora-rank", type=_positive_int,

@@ -58,6 +58,16 @@ DEFAULT_ENGINE = "inline"
 ENGINE_KINDS = ("process", "inline")
 
 
+def specialize_by_default(max_loras: int, enforce_eager: bool) -> bool:
+    """Whether an engine asks vLLM for ``specialize_active_lora`` unless told: for CUDA graphs of
+    an engine with slots for more than one adapter. On an H200 (8B shape, eight bundles, load
+    over all eight, concurrency 8) it took the cost of mixing adapters from 1.09/1.14 to a median
+    of 1.09 over five runs, and an engine sized for eight adapters but serving one from 3-5% to
+    ~0% (BENCHMARKS.md, "several bundles"). vLLM reads it only in its GPU LoRA kernels and graph
+    dispatch, so elsewhere it would only cost start-up."""
+    return max_loras > 1 and not enforce_eager and torch.cuda.is_available()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to start the engine."""
@@ -77,7 +87,8 @@ class EngineConfig:
     # keeps at most max(max_loras, MIN_CPU_LORAS) of them in memory and reloads others on use.
     max_loras: int = 1
     # CUDA graphs per count of active adapters (1, 2, 4, ... up to max_loras: vLLM's
-    # specialize_active_lora) rather than one graph whose LoRA kernels cover every slot.
+    # specialize_active_lora) rather than one graph whose LoRA kernels cover every slot
+    # (specialize_by_default says when the server turns it on).
     specialize_active_lora: bool = False
     # In-process engine driven by one thread (probeserve.engines.inline) instead of vLLM's
     # engine-core process: no hidden states cross a process boundary.

@@ -37,6 +37,7 @@ from probeserve.engines.config import (
     ServingEngine,
     bind,
     engine_version,
+    specialize_by_default,
 )
 from probeserve.engines.start import start_engine
 from probeserve.pairing.checks import Check, PairingError, function_checks, static_checks
@@ -112,7 +113,7 @@ class ServeConfig:
     # Adapters one engine step may mix, and the largest LoRA rank (None: from the bundles).
     max_loras: int | None = None
     max_lora_rank: int | None = None
-    specialize_active_lora: bool = False
+    specialize_active_lora: bool | None = None  # None: specialize_by_default
 
     def engine_config(self, bundles: list[Bundle]) -> EngineConfig:
         if self.lora_mode in WEIGHTS_HOLD_ADAPTER and (len(bundles) != 1 or self.admin):
@@ -122,12 +123,17 @@ class ServeConfig:
             )
         admin_loras = ADMIN_MIN_LORAS if self.admin else 1
         admin_rank = ADMIN_MIN_LORA_RANK if self.admin else 1
+        max_loras = self.max_loras or max(admin_loras, len(bundles))
         return EngineConfig(
             model=self.model,
             adapter=bundles[0].adapter_path if self.lora_mode == "merged" else None,
             lora_rank=self.max_lora_rank or max(admin_rank, *(b.lora_rank for b in bundles)),
-            max_loras=self.max_loras or max(admin_loras, len(bundles)),
-            specialize_active_lora=self.specialize_active_lora,
+            max_loras=max_loras,
+            specialize_active_lora=(
+                specialize_by_default(max_loras, self.enforce_eager)
+                if self.specialize_active_lora is None
+                else self.specialize_active_lora
+            ),
             precision=self.precision,
             lora_mode=self.lora_mode,
             inline=self.inline,
