@@ -5,16 +5,20 @@
     python scripts/bench/gpu/make_bundle.py ROOT --small --bundles 8  # a CPU dry run:
     python scripts/bench/bundles_bench.py --root ROOT --out OUT --precision fp32 --eager -n 40
 
-Three real servers (``probeserve serve --load-format dummy --skip-pairing-check --lora-mode
-adapter``), all up at once on the one GPU and measured in turn through the real client over
-loopback gRPC, so that the drift of a GPU host between runs hits them alike:
+Real servers (``probeserve serve --load-format dummy --skip-pairing-check --lora-mode adapter``),
+all up at once on the one GPU and measured in turn through the real client over loopback gRPC,
+so that the drift of a GPU host between runs hits them alike (``--servers``; the first three by
+default):
 
 - ``one``: one bundle, its adapter per request (``max_loras`` 1): the baseline;
-- ``one-max8``: the same bundle alone on an engine sized for eight adapters (``--max-loras 8``):
-  what the engine setting costs, apart from mixing adapters in a step;
+- ``two``: two bundles, the load on one of them and spread over both;
 - ``eight``: eight bundles with adapters and heads of their own (``max_loras`` 8), and the load
-  spread evenly (request k asks bundle k mod N) over 1, 2 and 8 of them.
+  spread evenly (request k asks bundle k mod N) over 1, 2 and 8 of them;
+- ``one-max8``: the one bundle alone on an engine sized for eight adapters (``--max-loras 8``):
+  what the engine setting costs, apart from mixing adapters in a step.
 
+Each server's graphs are specialized for the active adapters as its own default says (on for
+more than one adapter slot on a GPU) unless ``--[no-]specialize-active-lora``; the table says.
 Each round measures every server and spread at every concurrency, one after another; each level
 is a closed loop of C clients (threads, one channel each) at concurrency 1 and 8. Writes
 OUT/bundles_bench.json and OUT/bundles_bench.md. Issue 15's target: eight bundles, load spread
@@ -81,8 +85,8 @@ def _server(args: argparse.Namespace, bundles: list[Path], log: Path, max_loras:
     extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", "16"]
     if max_loras is not None:
         extra += ["--max-loras", str(max_loras)]
-    if args.specialize_active_lora and (max_loras or len(bundles)) > 1:
-        extra.append("--specialize-active-lora")
+    if args.specialize_active_lora is not None:  # else the server's default (on where graphs mix adapters)
+        extra.append(f"--{'' if args.specialize_active_lora else 'no-'}specialize-active-lora")
     if args.eager:
         extra.append("--eager")
     return start_server(
@@ -102,6 +106,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     plans: dict[str, tuple[list[Path], int | None, list[int]]] = {
         "one": (bundles[:1], None, [1]),
         "one-max8": (bundles[:1], BUNDLES, [1]),
+        "two": (bundles[:2], None, [1, 2]),
         "eight": (bundles, None, list(SPREADS)),
     }
     plans = {name: plan for name, plan in plans.items() if name in args.servers}
@@ -121,8 +126,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         samples.setdefault((name, spread, concurrency), []).extend(got)
         for (name, spread, concurrency), values in samples.items():
             served, max_loras, _ = plans[name]
+            started = next(e for e in servers[name].log_lines() if e.get("event") == "engine_started")
             rows.append({
-                "server": name, "bundles_loaded": len(served), "max_loras": max_loras or len(served),
+                "server": name, "bundles_loaded": len(served), "max_loras": started["max_loras"],
+                "specialize_active_lora": started["specialize_active_lora"],
                 "spread_over": spread, "concurrency": concurrency, "requests": len(values),
                 "p50_ms": round(percentile(values, 0.5), 2), "p90_ms": round(percentile(values, 0.9), 2),
                 "p99_ms": round(percentile(values, 0.99), 2), "startup_s": round(servers[name].startup_s, 1),
@@ -143,15 +150,16 @@ def report(result: dict[str, Any]) -> str:
         return f"{r['p50_ms'] / b:.3f}" if b else "—"
 
     lines = [
-        "| server | bundles loaded | max_loras | load spread over | concurrency | p50 ms | p90 ms | p99 ms "
-        "| p50 / one | p50 / one-max8 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | bundles loaded | max_loras | specialized | load spread over | concurrency | p50 ms "
+        "| p90 ms | p99 ms | p50 / one | p50 / one-max8 |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted(
         rows, key=lambda r: (r["concurrency"], r["bundles_loaded"], r["max_loras"], r["spread_over"])
     ):
         lines.append(
-            f"| {r['server']} | {r['bundles_loaded']} | {r['max_loras']} | {r['spread_over']} | "
+            f"| {r['server']} | {r['bundles_loaded']} | {r['max_loras']} | "
+            f"{'yes' if r.get('specialize_active_lora') else 'no'} | {r['spread_over']} | "
             f"{r['concurrency']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | "
             f"{ratio(r, 'one')} | {ratio(r, 'one-max8')} |"
         )
@@ -174,14 +182,15 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         nargs="+",
-        choices=["one", "one-max8", "eight"],
-        default=["one", "one-max8", "eight"],
+        choices=["one", "one-max8", "two", "eight"],
+        default=["one", "two", "eight"],
         help="which servers to start (all at once)",
     )
     parser.add_argument(
         "--specialize-active-lora",
-        action="store_true",
-        help="pass --specialize-active-lora to the servers that mix adapters (max_loras > 1)",
+        action=argparse.BooleanOptionalAction,
+        help="pass --[no-]specialize-active-lora to every server (default: the servers' own default, "
+        "on for a compiled engine on a GPU with more than one adapter slot)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

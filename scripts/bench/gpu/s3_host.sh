@@ -9,10 +9,16 @@
 # four installs, each ending in one call 7 (BENCHMARKS.md "How the third session's figures were
 # made"): PHASES=A; PHASES=A0,B,C; PHASES=A RUN=_r2 PROFILE_N=0 DEADLINE_S=420; PHASES=A1
 # RUN=_spec BB_ARGS="--specialize-active-lora -n 120" DEADLINE_S=400.
+# The fourth session (same day, one install): PHASES=W,A1,S0 RUN=_s4 BB_ARGS="--specialize-active-lora
+# -n 120" DEADLINE_S=560: two bundles runs at once, one per GPU, after the wake-up latencies; the
+# same with PHASES=A1,S0 RUN=_s4b; then, on a second install, with the servers' new default (no
+# flag) and the one/two/eight servers: PHASES=A1,S0 RUN=_s4c BB_ARGS="-n 120" DEADLINE_S=560.
 # Phases (PHASES, default A):
+#   W: wake_latency.py alone on the idle host first (what waking the transport's threads costs here);
 #   A, both GPUs apart (CUDA_VISIBLE_DEVICES, cores 0-15 / 16-31), or either lane alone:
 #      A0, GPU 0: fp16-base (8B, TP=1) through gpu_bench.py, then 1600 calls at c8 under py-spy;
 #      A1, GPU 1: bundles_bench.py: the one-bundle, one-bundle --max-loras 8 and eight-bundle servers.
+#      S0, GPU 0: bundles_bench.py as A1 (instead of A0): a second run of it in the same call.
 #   B: fp16-70b-tp2 (70B FP16 over both GPUs);  C: fp16-tp2 (8B over both GPUs).
 # B and C run only under the multicast guard (mcguard/sitecustomize.py, first on PYTHONPATH in
 # every process), with vLLM's all-reduce fusions off, and only after checks on this host: torch
@@ -76,7 +82,17 @@ phase_end() {  # by group: engine workers (TP) and servers go with their bench
 lane() {  # NAME: whether PHASES asks for it (A means both A0 and A1)
   [[ ,$PHASES, == *,$1,* ]] || { [[ $1 == A? ]] && [[ ,$PHASES, == *,A,* ]]; }
 }
-if lane A0 || lane A1; then
+bundles_lane() {  # GPU CORES NAME: bundles_bench.py on one GPU, in the background
+  CUDA_VISIBLE_DEVICES=$1 setsid taskset -c "$2" python3 $B/bundles_bench.py --root /tmp/gb --out "$R/$3${RUN:-}" \
+    --precision fp16 -n 160 --rounds 3 --gpu-memory-utilization 0.28 --startup-timeout-s 240 ${BB_ARGS:-} \
+    > "/tmp/lane_$3.log" 2>&1 &
+}
+if [[ ,$PHASES, == *,W,* ]]; then
+  echo "=== W after $(( $(date +%s) - t0 )) s, $(left) s left"
+  taskset -c 0-15 python3 $B/wake_latency.py --n 300 --gaps-ms 0,1,3,10 --wait-ms 8 > $R/wake_latency.json
+  cat $R/wake_latency.json
+fi
+if lane A0 || lane A1 || lane S0; then
   echo "=== A after $(( $(date +%s) - t0 )) s, $(left) s left"
   mkdir -p /tmp/pyspy && python3 -m zipfile -e /tmp/t16boot/py_spy-*.whl /tmp/pyspy
   PYSPY=$(ls /tmp/pyspy/py_spy-*.data/scripts/py-spy); chmod +x "$PYSPY"
@@ -88,16 +104,12 @@ if lane A0 || lane A1; then
       > /tmp/lane_a0.log 2>&1 &
     pids+=($!)
   fi
-  if lane A1; then
-    CUDA_VISIBLE_DEVICES=1 setsid taskset -c 16-31 python3 $B/bundles_bench.py --root /tmp/gb --out "$R/a1_bundles${RUN:-}" \
-      --precision fp16 -n 160 --rounds 3 --gpu-memory-utilization 0.28 --startup-timeout-s 240 ${BB_ARGS:-} \
-      > /tmp/lane_a1.log 2>&1 &
-    pids+=($!)
-  fi
+  if lane A1; then bundles_lane 1 16-31 a1_bundles; pids+=($!); fi
+  if lane S0; then bundles_lane 0 0-15 s0_bundles; pids+=($!); fi
   for pid in "${pids[@]}"; do wait "$pid"; echo "lane $pid exited $? after $(( $(date +%s) - t0 )) s"; done
-  cp /tmp/lane_a*.log $R/ 2>/dev/null
+  cp /tmp/lane_a*.log /tmp/lane_s*.log $R/ 2>/dev/null
   for pid in "${pids[@]}"; do phase_end "$pid"; done
-  tail -n 25 /tmp/lane_a*.log
+  tail -n 25 /tmp/lane_a*.log /tmp/lane_s*.log 2>/dev/null
 fi
 
 guard_ready() {  # the TP=2 phases' preconditions, each checked here, on this host; nothing is called
