@@ -12,9 +12,11 @@
 # The fourth session (same day, one install): PHASES=W,A1,S0 RUN=_s4 BB_ARGS="--specialize-active-lora
 # -n 120" DEADLINE_S=560: two bundles runs at once, one per GPU, after the wake-up latencies; the
 # same with PHASES=A1,S0 RUN=_s4b; then, on a second install, with the servers' new default (no
-# flag) and the one/two/eight servers: PHASES=A1,S0 RUN=_s4c BB_ARGS="-n 120" DEADLINE_S=560.
+# flag) and the one/two/eight servers: PHASES=A1,S0 RUN=_s4c BB_ARGS="-n 120" DEADLINE_S=560; then, on a
+# third install, PHASES=I DEADLINE_S=300.
 # Phases (PHASES, default A):
 #   W: wake_latency.py alone on the idle host first (what waking the transport's threads costs here);
+#   I: idle_exp.py on each GPU at once (a step after an idle spell: the CPU's or the GPU's idling);
 #   A, both GPUs apart (CUDA_VISIBLE_DEVICES, cores 0-15 / 16-31), or either lane alone:
 #      A0, GPU 0: fp16-base (8B, TP=1) through gpu_bench.py, then 1600 calls at c8 under py-spy;
 #      A1, GPU 1: bundles_bench.py: the one-bundle, one-bundle --max-loras 8 and eight-bundle servers.
@@ -91,6 +93,18 @@ if [[ ,$PHASES, == *,W,* ]]; then
   echo "=== W after $(( $(date +%s) - t0 )) s, $(left) s left"
   taskset -c 0-15 python3 $B/wake_latency.py --n 300 --gaps-ms 0,1,3,10 --wait-ms 8 > $R/wake_latency.json
   cat $R/wake_latency.json
+fi
+if [[ ,$PHASES, == *,I,* ]]; then
+  echo "=== I after $(( $(date +%s) - t0 )) s, $(left) s left"
+  pids=()
+  for g in 0 1; do
+    CUDA_VISIBLE_DEVICES=$g setsid taskset -c $(( 16 * g ))-$(( 16 * g + 15 )) timeout $(( $(left) - 15 )) \
+      python3 $B/gpu/idle_exp.py --model /tmp/gb/llama8b --out "$R/idle_gpu$g" > "/tmp/lane_i$g.log" 2>&1 &
+    pids+=($!)
+  done
+  # these two only: a bare `wait` also waits for the watchdog (as run on 2026-11-30, which cost the
+  # call its remaining time after both had finished)
+  wait "${pids[@]}"; cp /tmp/lane_i*.log $R/; tail -n 2 /tmp/lane_i*.log
 fi
 if lane A0 || lane A1 || lane S0; then
   echo "=== A after $(( $(date +%s) - t0 )) s, $(left) s left"
