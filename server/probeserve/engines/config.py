@@ -61,10 +61,10 @@ ENGINE_KINDS = ("process", "inline")
 def specialize_by_default(max_loras: int, enforce_eager: bool) -> bool:
     """Whether an engine asks vLLM for ``specialize_active_lora`` unless told: for CUDA graphs of
     an engine with slots for more than one adapter. On an H200 (8B shape, eight bundles, load
-    over all eight, concurrency 8) it took the cost of mixing adapters from 1.09/1.14 to a median
-    of 1.09 over five runs, and an engine sized for eight adapters but serving one from 3-5% to
-    ~0% (BENCHMARKS.md, "several bundles"). vLLM reads it only in its GPU LoRA kernels and graph
-    dispatch, so elsewhere it would only cost start-up."""
+    over all eight, concurrency 8) it took the cost of mixing adapters from 1.09/1.14 (two runs)
+    to a median of 1.08 over seven (1.04-1.13), and an engine sized for eight adapters but serving
+    one from 3-5% to ~0% (BENCHMARKS.md, "several bundles"). vLLM reads it only in its GPU LoRA
+    kernels and graph dispatch, so elsewhere it would only cost start-up."""
     return max_loras > 1 and not enforce_eager and torch.cuda.is_available()
 
 
