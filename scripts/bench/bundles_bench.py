@@ -124,9 +124,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         names = [f"b{i}" for i in range(spread)]
                         got = closed_loop(servers[name].target, names, concurrency, args.n, args.warmup)
                         samples.setdefault((name, spread, concurrency), []).extend(got)
+        engines = {  # what each engine was started with, as its server logged it
+            name: next(e for e in server.log_lines() if e.get("event") == "engine_started")
+            for name, server in servers.items()
+        }
         for (name, spread, concurrency), values in samples.items():
             served, max_loras, _ = plans[name]
-            started = next(e for e in servers[name].log_lines() if e.get("event") == "engine_started")
+            started = engines[name]
             rows.append({
                 "server": name, "bundles_loaded": len(served), "max_loras": started["max_loras"],
                 "specialize_active_lora": started["specialize_active_lora"],
